@@ -1,0 +1,38 @@
+"""dsd_core: Diffusion Self-Distillation (DSD) generation on FLUX.1-dev, independent of ComfyUI.
+
+Public API (imported lazily so that ``import dsd_core`` is cheap)::
+
+    from dsd_core import DSDPipeline, DSDTransformer2DModel, load_pipeline, load_image, prepare_reference
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "DSDPipeline": "pipeline",
+    "DSDPipelineOutput": "pipeline",
+    "clean_prompt": "pipeline",
+    "DSDTransformer2DModel": "transformer",
+    "load_pipeline": "loading",
+    "load_image": "image",
+    "prepare_reference": "image",
+    "pil_to_tensor": "image",
+    "tensor_to_pil": "image",
+    "TrueGuidance": "guidance",
+    "DSDError": "errors",
+    "ModelNotFoundError": "errors",
+    "ModelFormatError": "errors",
+    "InputError": "errors",
+    "GenerationCancelled": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'dsd_core' has no attribute {name!r}")

@@ -1,0 +1,416 @@
+"""``DSDPipeline``: subject-preserving generation with Diffusion Self-Distillation on FLUX.1-dev.
+
+Built on diffusers' :class:`~diffusers.FluxPipeline` (text encoding, LoRA loading, offload, packing helpers); only
+``__call__`` is DSD's own. It reproduces the official ``FluxConditionalPipeline`` (same weights + same seed -> same
+pixels, see ``tests/test_parity.py``):
+
+1. the reference (already fitted to one panel, see :func:`dsd_core.image.prepare_reference`) is placed left of a
+   black panel and the whole canvas is VAE-encoded in one call;
+2. the condition latents are a posterior *sample* (or the mean with ``condition_sampling="mode"``), shifted and
+   scaled, and packed like the image latents;
+3. FLUX's flow-matching Euler sampler runs on the canvas with ``mu`` from the canvas token count, distilled guidance,
+   and optionally DSD's two-scale true guidance (:mod:`dsd_core.guidance`);
+4. the full canvas is decoded; the right half is the result, the left half the model's reconstruction of the
+   reference.
+
+Seeds: with seed ``S`` the posterior noise is drawn from ``torch.Generator("cpu").manual_seed(S)`` and the initial
+noise from a separate ``torch.Generator("cpu").manual_seed(S)``, both in the unpacked latent shape and the model
+dtype, then moved to the device. Image ``k`` of a batch uses seed ``S + k`` and equals a single run with that seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from . import canvas as cv
+from .errors import GenerationCancelled, InputError
+from .guidance import REFERENCE_START_STEP, TrueGuidance, combine
+from .image import prepare_reference
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE = """
+    >>> import torch
+    >>> from dsd_core import DSDPipeline, load_image
+    >>> pipe = DSDPipeline.from_dsd("black-forest-labs/FLUX.1-dev", "primecai/dsd_model", dtype=torch.bfloat16)
+    >>> pipe.to("cuda")
+    >>> out = pipe(load_image("cat.png"), "this cat wearing a wizard hat", seed=0)
+    >>> out.images[0].save("wizard_cat.png")
+"""
+
+CONDITION_SAMPLING = ("sample", "mode")
+
+
+@dataclass
+class DSDPipelineOutput(BaseOutput):
+    """Result of :class:`DSDPipeline`.
+
+    images: the generated right halves (list of PIL images, or an array/tensor for ``output_type="np"/"pt"``).
+    references: the left halves: the model's reconstruction of the reference.
+    panels: the full decoded canvases (reference reconstruction | result).
+    seeds: the seed of each image (``None`` entries when explicit generators were passed).
+    prompt: the cleaned prompt that was encoded.
+    """
+
+    images: Any
+    references: Any = None
+    panels: Any = None
+    seeds: list = field(default_factory=list)
+    prompt: str | None = None
+
+
+def clean_prompt(prompt: str) -> str:
+    """The reference's prompt cleaning: ``strip()``, then *delete* ``\\n`` and ``\\r`` (not replaced by spaces)."""
+    return prompt.strip().replace("\n", "").replace("\r", "")
+
+
+class DSDPipeline(FluxPipeline):
+    r"""Diffusion Self-Distillation: generate a new image of the reference's subject from a prompt.
+
+    Components (as in :class:`~diffusers.FluxPipeline`): ``scheduler`` (FlowMatchEulerDiscreteScheduler with the
+    FLUX.1-dev config), ``vae`` (AutoencoderKL), ``text_encoder`` + ``tokenizer`` (CLIP-L), ``text_encoder_2`` +
+    ``tokenizer_2`` (T5-XXL) and ``transformer`` (:class:`dsd_core.DSDTransformer2DModel`).
+
+    Example:
+    """ + EXAMPLE
+
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_dsd(cls, base: str, model: str | None = None, **kwargs) -> "DSDPipeline":
+        """Load the full DSD model set; see :func:`dsd_core.loading.load_pipeline` for the arguments."""
+        from .loading import DEFAULT_MODEL, load_pipeline
+
+        return load_pipeline(base=base, model=model or DEFAULT_MODEL, **kwargs)
+
+    def load_dsd_lora(self, path: str, adapter_name: str = "dsd") -> None:
+        """Load a LoRA (``.safetensors``) into the transformer as a PEFT adapter, unfused, like the reference.
+
+        LoRAs that also carry text-encoder weights go through diffusers' full ``load_lora_weights``.
+        """
+        if not str(path).endswith(".safetensors"):
+            raise InputError(f"{path} is not a .safetensors file; only safetensors LoRAs are loaded (never pickle).")
+        state_dict, alphas, metadata = self.lora_state_dict(path, return_alphas=True, return_lora_metadata=True)
+        if not any("lora" in k for k in state_dict):
+            raise InputError(f"{path} holds no LoRA weights (no key contains 'lora'); pass a LoRA file.")
+        if any(k.startswith(("text_encoder.", "text_encoder_2.")) for k in state_dict):
+            self.load_lora_weights(path, adapter_name=adapter_name)
+            return
+        self.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=self.transformer,
+                                        adapter_name=adapter_name, metadata=metadata, _pipeline=self,
+                                        low_cpu_mem_usage=True)
+
+    # ------------------------------------------------------------------ stages
+    @torch.no_grad()
+    def prepare_condition(
+        self,
+        reference: torch.Tensor,
+        seeds: list[int | None],
+        condition_sampling: str = "sample",
+        generators: list[torch.Generator] | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Encode the condition canvas and return packed condition latents ``(B or 1, tokens, 64)``.
+
+        ``reference`` is ``(1, 3, H, Wp)`` in [-1, 1]. With ``"sample"`` one posterior sample is drawn per seed
+        (a fresh CPU generator seeded with it, unless ``generators`` are given); ``"mode"`` uses the mean once.
+        """
+        device = device or self._execution_device
+        canvas = cv.build_condition_canvas(reference)
+        posterior = self.vae.encode(canvas.to(device=device, dtype=self.vae.dtype)).latent_dist
+        if condition_sampling == "mode":
+            latents = posterior.mode()
+        else:
+            gens = generators or [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            latents = torch.cat([posterior.sample(generator=g) for g in gens], dim=0)
+        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        latents = cv.pack_latents(latents)
+        return latents.to(dtype or self.transformer.dtype)
+
+    @torch.no_grad()
+    def prepare_noise(
+        self,
+        seeds: list[int | None],
+        height: int,
+        width: int,
+        generators: list[torch.Generator] | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Initial noise, one draw per seed in the *unpacked* shape ``(1, 16, h, w)`` and ``dtype``, then packed."""
+        device = device or self._execution_device
+        dtype = dtype or self.transformer.dtype
+        h, w = cv.latent_size(height, width, self.vae_scale_factor)
+        channels = self.transformer.config.in_channels // 4
+        gens = generators or [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        noise = torch.cat([randn_tensor((1, channels, h, w), generator=g, device=device, dtype=dtype) for g in gens])
+        return cv.pack_latents(noise)
+
+    @torch.no_grad()
+    def encode_text(self, prompt: str, device, max_sequence_length: int = 512):
+        """(T5 embeddings, CLIP pooled embeddings, text ids) for one prompt string."""
+        embeds, pooled, text_ids = self.encode_prompt(
+            prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1,
+            max_sequence_length=max_sequence_length,
+        )
+        return embeds, pooled, text_ids
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed latents -> decoded canvas ``(B, 3, H, W)`` in [-1, 1] (the full panel, in the VAE dtype)."""
+        latents = cv.unpack_latents(latents, height, width, self.vae_scale_factor)
+        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+
+    def check_dsd_inputs(self, height, width, num_inference_steps, condition_sampling, num_images_per_prompt):
+        cv.check_canvas_size(height, width)
+        if num_inference_steps < 1:
+            raise InputError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
+        if condition_sampling not in CONDITION_SAMPLING:
+            raise InputError(f"condition_sampling must be 'sample' or 'mode', got {condition_sampling!r}.")
+        if num_images_per_prompt < 1:
+            raise InputError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}.")
+        if not hasattr(self.transformer, "c_embedder"):
+            raise InputError(
+                f"the pipeline's transformer is a {type(self.transformer).__name__} without c_embedder; "
+                "DSD needs dsd_core.DSDTransformer2DModel (load it with DSDPipeline.from_dsd)."
+            )
+        if max(height, width // 2) > 768:
+            logger.warning(
+                "panel %dx%d is larger than 768 px; DSD was trained at 512x512 panels and is known to distort "
+                "above ~768. Use 512 for the reference's quality.", width // 2, height,
+            )
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: PIL.Image.Image | torch.Tensor,
+        prompt: str,
+        height: int = 512,
+        width: int = 1024,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 3.5,
+        image_guidance_scale: float = 1.0,
+        text_guidance_scale: float = 1.0,
+        true_guidance_start_step: int = REFERENCE_START_STEP,
+        true_guidance_end_step: int | None = None,
+        negative_prompt: str = "",
+        seed: int | list[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        condition_generator: torch.Generator | list[torch.Generator] | None = None,
+        num_images_per_prompt: int = 1,
+        condition_sampling: str = "sample",
+        lora_scale: float | None = None,
+        batch_true_guidance: bool = False,
+        fit_mode: str = "center_crop",
+        max_sequence_length: int = 512,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        progress_callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    ):
+        r"""Generate ``num_images_per_prompt`` images of the reference's subject.
+
+        Args:
+            image: the reference, a PIL image (fitted to one ``(width/2) x height`` panel with ``fit_mode`` unless it
+                already has that size) or a tensor ``(1, 3, H, W/2)`` in [-1, 1] used as is.
+            prompt: what to generate. Cleaned like the reference (strip, newlines deleted).
+            height, width: the canvas (two panels side by side); reference: 512 x 1024. Multiples of 16 per panel.
+            num_inference_steps: Euler steps (reference 28).
+            guidance_scale: FLUX distilled guidance (reference 3.5); the same value is fed to every pass.
+            image_guidance_scale, text_guidance_scale: DSD true guidance ``s_i`` and ``s_t`` (both 1.0 = off; ``s_t``
+                only acts when ``s_i > 1``, as in the reference). See :mod:`dsd_core.guidance`.
+            true_guidance_start_step, true_guidance_end_step: the step window of true guidance (reference: 2, None).
+            negative_prompt: text of the unconditional passes (reference ``""``).
+            seed: an int (image k gets ``seed + k``) or one int per image. ``None`` picks a random seed, returned in
+                ``output.seeds``.
+            generator, condition_generator: advanced: explicit generators for the initial noise and the posterior
+                sample, one per image (overrides ``seed`` for that draw).
+            condition_sampling: ``"sample"`` (reference: a posterior sample) or ``"mode"`` (the posterior mean).
+            lora_scale: multiplier of the loaded LoRA for this call (``None`` = as loaded, 1.0 in the reference).
+            batch_true_guidance: run the three true-guidance passes as one batch (faster on a GPU with memory to
+                spare; equal to sequential up to float rounding). The reference runs them sequentially.
+            fit_mode: how a PIL reference is fitted to the panel: ``center_crop`` (reference), ``pad``, ``stretch``.
+            output_type: ``"pil"``, ``"np"`` (float32 HWC in [0, 1]) or ``"pt"`` (float32 BCHW in [0, 1]).
+            callback_on_step_end: diffusers' callback ``(pipe, step, timestep, tensors) -> dict``. It may replace
+                ``latents``, and may raise (or set ``pipe._interrupt = True``) to cancel the run.
+            progress_callback: ``(step, total, latents)`` called after each step, for progress bars and previews; it
+                may raise to cancel.
+
+        Returns:
+            :class:`DSDPipelineOutput` (or a tuple ``(images,)`` when ``return_dict=False``).
+
+        Raises:
+            GenerationCancelled: when ``pipe._interrupt`` is set during the run.
+        """
+        # 1. Check inputs
+        self.check_dsd_inputs(height, width, num_inference_steps, condition_sampling, num_images_per_prompt)
+        for k in callback_on_step_end_tensor_inputs:
+            if k not in self._callback_tensor_inputs:
+                raise InputError(f"callback tensor {k!r} is not available; choose from {self._callback_tensor_inputs}.")
+        guidance_cfg = TrueGuidance(image_guidance_scale, text_guidance_scale, true_guidance_start_step,
+                                    true_guidance_end_step)
+        n = num_images_per_prompt
+        seeds = self._resolve_seeds(seed, n, generator, condition_generator)
+        noise_gens = _as_list(generator, n, "generator")
+        cond_gens = _as_list(condition_generator, n, "condition_generator")
+        self._guidance_scale = guidance_scale
+        self._joint_attention_kwargs = None if lora_scale is None else {"scale": float(lora_scale)}
+        self._interrupt = False
+        self._current_timestep = None
+        device = self._execution_device
+        dtype = self.transformer.dtype
+        panel_w = width // 2
+
+        # 2. Encode the prompt (and the empty prompt when true guidance is on; the reference gates it on s_i > 1)
+        prompt = clean_prompt(prompt)
+        prompt_embeds, pooled, text_ids = self.encode_text(prompt, device, max_sequence_length)
+        if guidance_cfg.enabled:
+            neg_embeds, neg_pooled, _ = self.encode_text(negative_prompt, device, max_sequence_length)
+
+        # 3. Condition latents from the 1x2 canvas
+        reference = self._reference_tensor(image, height, panel_w, fit_mode)
+        cond = self.prepare_condition(reference, seeds, condition_sampling, cond_gens, device, dtype)
+        zero_cond = torch.zeros_like(cond) if guidance_cfg.enabled else None
+
+        # 4. Initial noise and position ids
+        latents = self.prepare_noise(seeds, height, width, noise_gens, device, dtype)
+        img_ids = cv.latent_image_ids(height, width, device, dtype, self.vae_scale_factor)
+
+        # 5. Timesteps: sigmas linspace(1, 1/N, N), shifted with mu from the canvas token count
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        mu = cv.compute_mu(latents.shape[1], self.scheduler.config)
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device,
+                                                            sigmas=sigmas, mu=mu)
+        self._num_timesteps = len(timesteps)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.tensor([guidance_scale], device=device, dtype=torch.float32)
+
+        def velocity(embeds, pooled_embeds, condition, x, t):
+            return self.transformer(
+                hidden_states=x, timestep=t / 1000, guidance=None if guidance is None else guidance.expand(x.shape[0]),
+                pooled_projections=pooled_embeds, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids,
+                joint_attention_kwargs=self._joint_attention_kwargs, return_dict=False,
+                condition_hidden_states=condition,
+            )[0]
+
+        def batch(t: torch.Tensor) -> torch.Tensor:  # contiguous copies, like the reference's repeat()
+            return t.repeat(n, *([1] * (t.ndim - 1))) if t.shape[0] == 1 and n > 1 else t
+
+        # Everything that stays the same across steps is prepared once.
+        pe, pp = batch(prompt_embeds), batch(pooled)
+        if guidance_cfg.enabled:
+            ne, npool = batch(neg_embeds), batch(neg_pooled)
+            if batch_true_guidance:
+                cfg_embeds, cfg_pooled = torch.cat([pe, ne, ne]), torch.cat([pp, npool, npool])
+                cfg_cond = torch.cat([batch(cond), batch(zero_cond), batch(cond)])
+
+        # 6. Denoising loop
+        with self.transformer.condition_cache(), self.progress_bar(total=num_inference_steps) as bar:
+            for i, t in enumerate(timesteps):
+                if self._interrupt:
+                    raise GenerationCancelled(f"generation cancelled at step {i} of {num_inference_steps}")
+                self._current_timestep = t
+                timestep = t.expand(n).to(latents.dtype)
+                if not guidance_cfg.active(i):
+                    noise_pred = velocity(pe, pp, cond, latents, timestep)
+                elif batch_true_guidance:
+                    v = velocity(cfg_embeds, cfg_pooled, cfg_cond, latents.repeat(3, 1, 1), timestep.repeat(3))
+                    v_ti, v_uu, v_ui = v.chunk(3)
+                    noise_pred = combine(v_ti, v_ui, v_uu, guidance_cfg.image_scale, guidance_cfg.text_scale)
+                else:  # the reference's order: text+image, uncond, image-only
+                    v_ti = velocity(pe, pp, cond, latents, timestep)
+                    v_uu = velocity(ne, npool, zero_cond, latents, timestep)
+                    v_ui = velocity(ne, npool, cond, latents, timestep)
+                    noise_pred = combine(v_ti, v_ui, v_uu, guidance_cfg.image_scale, guidance_cfg.text_scale)
+
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    out = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = (out or {}).pop("latents", latents)
+                if progress_callback is not None:
+                    progress_callback(i + 1, num_inference_steps, latents)
+                bar.update()
+        if self._interrupt:
+            raise GenerationCancelled(f"generation cancelled after step {num_inference_steps}")
+        self._current_timestep = None
+
+        # 7. Decode the full canvas; right half = result, left half = reconstruction of the reference
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            return DSDPipelineOutput(images=latents, seeds=seeds, prompt=prompt) if return_dict else (latents,)
+        panels = self.decode(latents, height, width)
+        panels = self.image_processor.postprocess(panels, output_type="pt")  # (x/2+.5).clamp in dtype, then float
+        references, images = cv.split_canvas(panels)
+        images, references, panels = (self._convert(x, output_type) for x in (images, references, panels))
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return DSDPipelineOutput(images=images, references=references, panels=panels, seeds=seeds, prompt=prompt)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _resolve_seeds(seed, n, generator, condition_generator) -> list[int | None]:
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != n:
+                raise InputError(f"got {len(seed)} seeds for {n} images; pass one seed per image or a single int.")
+            return [int(s) for s in seed]
+        if seed is None:
+            if generator is not None and condition_generator is not None:
+                return [None] * n
+            seed = random.SystemRandom().randrange(2**32)  # recorded in the output so the run can be repeated
+        return [int(seed) + k for k in range(n)]
+
+    def _reference_tensor(self, image, height: int, panel_w: int, fit_mode: str) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3 or tuple(image.shape[2:]) != (height,
+                                                                                                          panel_w):
+                raise InputError(
+                    f"a tensor reference must have shape (1, 3, {height}, {panel_w}) in [-1, 1], got "
+                    f"{tuple(image.shape)}; pass a PIL image to have it fitted to the panel."
+                )
+            return image.float()
+        if not isinstance(image, PIL.Image.Image):
+            raise InputError(f"image must be a PIL image or a tensor, got {type(image).__name__}.")
+        if image.size != (panel_w, height):
+            image = prepare_reference(image, height, panel_w, mode=fit_mode)
+        # diffusers' VaeImageProcessor: EXIF transpose is done in prepare_reference; x/255 in float32, then 2x-1
+        return self.image_processor.preprocess(image.convert("RGB"), height=height, width=panel_w)
+
+    @staticmethod
+    def _convert(x: torch.Tensor, output_type: str):
+        if output_type == "pt":
+            return x.float()
+        arr = x.cpu().permute(0, 2, 3, 1).float().numpy()
+        if output_type == "np":
+            return arr
+        if output_type == "pil":
+            return [PIL.Image.fromarray(a) for a in (arr * 255).round().astype("uint8")]
+        raise InputError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+
+
+def _as_list(gen, n: int, name: str):
+    if gen is None:
+        return None
+    gens = list(gen) if isinstance(gen, (list, tuple)) else [gen]
+    if len(gens) != n:
+        raise InputError(f"got {len(gens)} {name}s for {n} images; pass one per image.")
+    return gens
