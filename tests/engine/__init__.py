@@ -1,0 +1,1 @@
+"""Engine tier: tests against a real ComfyUI server (see conftest.py)."""
