@@ -40,15 +40,20 @@ def _looks_like_repo_id(source: str) -> bool:
 
 
 def download(repo_id: str, allow_patterns: list[str], what: str, token: str | None = None,
-             local_files_only: bool = False, cache_dir: str | None = None, local_dir: str | None = None) -> str:
-    """``snapshot_download`` with errors turned into one-line causes and fixes."""
+             local_files_only: bool = False, cache_dir: str | None = None, local_dir: str | None = None,
+             tqdm_class=None) -> str:
+    """``snapshot_download`` with errors turned into one-line causes and fixes.
+
+    ``tqdm_class`` replaces huggingface_hub's progress bar (e.g. to feed an application's progress display).
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
+        extra = {"tqdm_class": tqdm_class} if tqdm_class is not None else {}
         return snapshot_download(repo_id, allow_patterns=allow_patterns, token=token, cache_dir=cache_dir,
-                                 local_dir=local_dir, local_files_only=local_files_only)
+                                 local_dir=local_dir, local_files_only=local_files_only, **extra)
     except GatedRepoError:
         raise ModelNotFoundError(
             f"{repo_id} ({what}) is gated: accept its licence on huggingface.co/{repo_id} and log in "
@@ -166,6 +171,7 @@ def load_pipeline(
     token: str | None = None,
     local_files_only: bool = False,
     init_condition_embedder: bool = False,
+    memory=None,
 ):
     """Build a ready :class:`~dsd_core.DSDPipeline` from a base, a DSD transformer and the DSD LoRA.
 
@@ -180,32 +186,31 @@ def load_pipeline(
         token: Hugging Face token (default: the user's login / ``HF_TOKEN``).
         local_files_only: never download; missing files are an error that says what to fetch.
         init_condition_embedder: accept a plain FLUX transformer and start ``c_embedder`` at zero (training).
+        memory: a memory preset (``full``, ``24gb``, ``16gb``, ``12gb``, ``8gb``, ``lowest``), a
+            :class:`dsd_core.memory.MemoryConfig` or a dict of its switches (weight storage fp8/int8/int4/nf4/gguf,
+            offload incl. ``group``, LoRA fusing, text-encoder release); default: no savings, ``offload`` applies.
     """
+    from .memory.apply import apply_memory, load_transformer, resolve_gguf_parts
+    from .memory.config import resolve_memory
     from .pipeline import DSDPipeline
-    from .transformer import DSDTransformer2DModel
 
     if offload not in OFFLOAD_MODES:
         raise DSDError(f"unknown offload mode {offload!r}; use one of {', '.join(OFFLOAD_MODES)}.")
+    memory = resolve_memory(memory, offload)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
-    transformer_dir, lora_file = resolve_model(model, transformer, lora, token, local_files_only)
+    if memory.transformer_weights == "gguf":  # the GGUF file replaces the transformer/ folder
+        transformer_dir, lora_file = resolve_gguf_parts(model, transformer, lora, token, local_files_only)
+    else:
+        transformer_dir, lora_file = resolve_model(model, transformer, lora, token, local_files_only)
     base_dir = resolve_base(base, token, local_files_only)
 
-    dit = DSDTransformer2DModel.from_pretrained(transformer_dir, dtype=torch_dtype,
-                                                init_condition_embedder=init_condition_embedder)
+    dit = load_transformer(memory, transformer_dir, torch_dtype, device, init_condition_embedder)
     try:
         pipe = DSDPipeline.from_pretrained(base_dir, transformer=dit, dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ModelFormatError(f"could not load the FLUX base from {base_dir}: {e}") from e
     if lora_file is not None:
         pipe.load_dsd_lora(lora_file)
-
-    if offload == "none":
-        pipe.to(device)
-    elif str(device).startswith("cpu"):
-        logger.warning("offload=%r has no effect on the CPU; running without offload.", offload)
-    elif offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.enable_sequential_cpu_offload(device=device)
+    apply_memory(pipe, memory, device)  # LoRA fusing, fp8 casting, offload or placement on the device
     return pipe

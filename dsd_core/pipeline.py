@@ -20,6 +20,7 @@ dtype, then moved to the device. Image ``k`` of a batch uses seed ``S + k`` and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -161,11 +162,23 @@ class DSDPipeline(FluxPipeline):
 
     @torch.no_grad()
     def encode_text(self, prompt: str, device, max_sequence_length: int = 512):
-        """(T5 embeddings, CLIP pooled embeddings, text ids) for one prompt string."""
+        """(T5 embeddings, CLIP pooled embeddings, text ids) for one prompt string.
+
+        With ``release_text_encoders`` the results are kept on the pipeline (see :meth:`_before_denoising`).
+        """
+        cache = self.__dict__.setdefault("_text_cache", {}) if self.release_text_encoders else None
+        if cache is not None and (prompt, max_sequence_length) in cache:
+            return tuple(t.to(device) for t in cache[(prompt, max_sequence_length)])
+        if self.text_encoder is None or self.text_encoder_2 is None:
+            from .memory.apply import released_error
+
+            raise released_error(prompt)
         embeds, pooled, text_ids = self.encode_prompt(
             prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1,
             max_sequence_length=max_sequence_length,
         )
+        if cache is not None:
+            cache[(prompt, max_sequence_length)] = (embeds, pooled, text_ids)
         return embeds, pooled, text_ids
 
     @torch.no_grad()
@@ -302,13 +315,15 @@ class DSDPipeline(FluxPipeline):
         if self.transformer.config.guidance_embeds:
             guidance = torch.tensor([guidance_scale], device=device, dtype=torch.float32)
 
-        def velocity(embeds, pooled_embeds, condition, x, t):
-            return self.transformer(
-                hidden_states=x, timestep=t / 1000, guidance=None if guidance is None else guidance.expand(x.shape[0]),
-                pooled_projections=pooled_embeds, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids,
-                joint_attention_kwargs=self._joint_attention_kwargs, return_dict=False,
-                condition_hidden_states=condition,
-            )[0]
+        def velocity(embeds, pooled_embeds, condition, x, t, branch="cond"):
+            with self._transformer_context(branch):
+                return self.transformer(
+                    hidden_states=x, timestep=t / 1000,
+                    guidance=None if guidance is None else guidance.expand(x.shape[0]),
+                    pooled_projections=pooled_embeds, encoder_hidden_states=embeds, txt_ids=text_ids,
+                    img_ids=img_ids, joint_attention_kwargs=self._joint_attention_kwargs, return_dict=False,
+                    condition_hidden_states=condition,
+                )[0]
 
         def batch(t: torch.Tensor) -> torch.Tensor:  # contiguous copies, like the reference's repeat()
             return t.repeat(n, *([1] * (t.ndim - 1))) if t.shape[0] == 1 and n > 1 else t
@@ -322,6 +337,7 @@ class DSDPipeline(FluxPipeline):
                 cfg_cond = torch.cat([batch(cond), batch(zero_cond), batch(cond)])
 
         # 6. Denoising loop
+        self._before_denoising(negative_prompt, device, max_sequence_length)
         with self.transformer.condition_cache(), self.progress_bar(total=num_inference_steps) as bar:
             for i, t in enumerate(timesteps):
                 if self._interrupt:
@@ -331,13 +347,14 @@ class DSDPipeline(FluxPipeline):
                 if not guidance_cfg.active(i):
                     noise_pred = velocity(pe, pp, cond, latents, timestep)
                 elif batch_true_guidance:
-                    v = velocity(cfg_embeds, cfg_pooled, cfg_cond, latents.repeat(3, 1, 1), timestep.repeat(3))
+                    v = velocity(cfg_embeds, cfg_pooled, cfg_cond, latents.repeat(3, 1, 1), timestep.repeat(3),
+                                 "batch")
                     v_ti, v_uu, v_ui = v.chunk(3)
                     noise_pred = combine(v_ti, v_ui, v_uu, guidance_cfg.image_scale, guidance_cfg.text_scale)
                 else:  # the reference's order: text+image, uncond, image-only
                     v_ti = velocity(pe, pp, cond, latents, timestep)
-                    v_uu = velocity(ne, npool, zero_cond, latents, timestep)
-                    v_ui = velocity(ne, npool, cond, latents, timestep)
+                    v_uu = velocity(ne, npool, zero_cond, latents, timestep, "uncond")
+                    v_ui = velocity(ne, npool, cond, latents, timestep, "image")
                     noise_pred = combine(v_ti, v_ui, v_uu, guidance_cfg.image_scale, guidance_cfg.text_scale)
 
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
@@ -366,6 +383,31 @@ class DSDPipeline(FluxPipeline):
             return (images,)
         return DSDPipelineOutput(images=images, references=references, panels=panels, seeds=seeds, prompt=prompt)
 
+    # ------------------------------------------------------------------ memory / speed hooks
+    # (set by dsd_core.memory.apply_memory and dsd_core.speed.apply_speed; inert by default)
+    release_text_encoders: bool = False
+
+    def _before_denoising(self, negative_prompt: str, device, max_sequence_length: int) -> None:
+        """Between encoding and the loop: release the text encoders (keeping the encoded negative prompt too),
+        send idle components back to the CPU under model offload, reset step-cache state."""
+        if self.release_text_encoders and self.text_encoder_2 is not None:
+            from .memory.apply import release_text_encoders
+
+            self.encode_text(negative_prompt, device, max_sequence_length)  # for later true-guidance runs
+            release_text_encoders(self)
+        for hook in getattr(self, "_all_hooks", None) or []:  # model offload: only the transformer on the GPU
+            if getattr(hook, "model", None) is not self.transformer and hasattr(hook, "offload"):
+                hook.offload()
+        if getattr(self.transformer, "is_cache_enabled", False):
+            self.transformer._reset_stateful_cache()
+
+    def _transformer_context(self, branch: str):
+        """diffusers' cache context per guidance branch (``cond``, ``uncond``, ``image``, ``batch``) when a step
+        cache is enabled (:mod:`dsd_core.speed`), so each branch keeps its own cached residuals."""
+        if getattr(self.transformer, "is_cache_enabled", False):
+            return self.transformer.cache_context(branch)
+        return contextlib.nullcontext()
+
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _resolve_seeds(seed, n, generator, condition_generator) -> list[int | None]:
@@ -377,7 +419,7 @@ class DSDPipeline(FluxPipeline):
             if generator is not None and condition_generator is not None:
                 return [None] * n
             seed = random.SystemRandom().randrange(2**32)  # recorded in the output so the run can be repeated
-        return [int(seed) + k for k in range(n)]
+        return [(int(seed) + k) % 2**64 for k in range(n)]  # torch generators take seeds below 2**64
 
     def _reference_tensor(self, image, height: int, panel_w: int, fit_mode: str) -> torch.Tensor:
         if isinstance(image, torch.Tensor):

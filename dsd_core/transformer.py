@@ -79,7 +79,7 @@ class DSDTransformer2DModel(FluxTransformer2DModel):
         nn.init.zeros_(self.c_embedder.weight)
         nn.init.zeros_(self.c_embedder.bias)
         self._condition: torch.Tensor | None = None
-        self._condition_cache: list[tuple[torch.Tensor, int, torch.Tensor]] | None = None
+        self._condition_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.x_embedder.register_forward_hook(self._add_condition_embedding)
 
     # ------------------------------------------------------------------ condition
@@ -89,11 +89,11 @@ class DSDTransformer2DModel(FluxTransformer2DModel):
         if cache is None:
             return self.c_embedder(condition_hidden_states)
         c = condition_hidden_states
-        for tensor, version, embedding in cache:  # the cache holds the tensors, so identity is a safe key
-            if tensor is c and version == c._version and embedding.device == c.device:
+        for tensor, embedding in cache:  # the cache holds the tensors, so identity is a safe key
+            if tensor is c:
                 return embedding
         embedding = self.c_embedder(c)
-        cache.append((c, c._version, embedding))
+        cache.append((c, embedding))
         return embedding
 
     @contextlib.contextmanager
@@ -101,6 +101,7 @@ class DSDTransformer2DModel(FluxTransformer2DModel):
         """Within this context the condition embedding of a given tensor is computed once, not on every step.
 
         The cache lives inside the forward pass, so it works under accelerate offload hooks, and is dropped on exit.
+        Condition tensors must not be modified in place inside the context (the pipeline never does).
         """
         outer = self._condition_cache
         self._condition_cache = [] if outer is None else outer

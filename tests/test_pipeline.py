@@ -52,6 +52,13 @@ def test_same_seed_same_pixels_and_different_seed_differs(fixture_pipe, img):
     assert (a - c).abs().max() > 1e-2
 
 
+def test_runs_under_inference_mode_like_comfyui(fixture_pipe, img):
+    want = run(fixture_pipe, img, seed=3, image_guidance_scale=1.5).images
+    with torch.inference_mode():
+        got = run(fixture_pipe, img, seed=3, image_guidance_scale=1.5).images
+    assert torch.equal(got, want)
+
+
 def test_random_seed_is_reported_and_reproduces(fixture_pipe, img):
     out = run(fixture_pipe, img, seed=None)
     assert isinstance(out.seeds[0], int)

@@ -35,7 +35,7 @@ import pytest
 
 from .client import ComfyClient
 from .layout import DEFAULT_ENGINE_DIR, ENGINE_TESTS_DIR, PACK_DIR, PACK_NAME, pack_has_init
-from .models import FOLDER_ALIASES, MODEL_SUBDIRS, populate_models
+from .models import FOLDER_ALIASES, MODEL_SUBDIRS, populate_models, server_environment
 from .probe_pack import PROBE_PACK_NAME, PROBE_PACK_SOURCE
 
 ENGINES = ("comfy2024", "latest")
@@ -195,6 +195,9 @@ class EngineServer:
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    DO_NOT_TRACK="1", PYTHONUNBUFFERED="1",
                    NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        for var in ("GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI", "DSD_GEMINI_KEY_FILE", "HF_TOKEN"):
+            env.pop(var, None)  # only the test's own (fake) credentials reach the server
+        env.update(server_environment(self.root))
         cmd = [self.spec.python, str(ENGINE_TESTS_DIR / "_engine_launch.py"), str(self.spec.comfy_dir), *args]
         t0 = time.monotonic()
         with open(self.log_path, "wb") as logf:

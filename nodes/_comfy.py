@@ -1,0 +1,91 @@
+"""The few ComfyUI services the nodes use, imported lazily so the node modules import without ComfyUI.
+
+Outside ComfyUI (unit tests, scripts) each helper degrades to a neutral default.
+"""
+
+from __future__ import annotations
+
+import os
+
+DSD_FOLDER = "dsd"  # models/dsd/<name>/ holds transformer/ + pytorch_lora_weights.safetensors
+BASE_FOLDER = "diffusers"  # models/diffusers/<name>/ holds a diffusers FLUX.1-dev folder
+
+
+def register_model_folders() -> None:
+    """Add the pack's ``dsd`` model folder to ComfyUI (``models/dsd``); creates no folder."""
+    try:
+        import folder_paths
+    except ImportError:
+        return
+    if DSD_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(DSD_FOLDER, os.path.join(folder_paths.models_dir, DSD_FOLDER))
+
+
+def folder_roots(name: str) -> list[str]:
+    """The folders ComfyUI knows for ``name`` (models dir and extra_model_paths.yaml), or [] outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    try:
+        return list(folder_paths.get_folder_paths(name))
+    except KeyError:
+        return [os.path.join(folder_paths.models_dir, name)]
+
+
+def torch_device() -> str:
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        from dsd_core.loading import default_device
+
+        return default_device()
+    return str(mm.get_torch_device())
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+def progress_bar(total: int):
+    try:
+        import comfy.utils
+    except ImportError:
+        return None
+    return comfy.utils.ProgressBar(total)
+
+
+def flux_latent_rgb():
+    """ComfyUI's FLUX latent-to-RGB preview factors, when this ComfyUI has them."""
+    try:
+        import comfy.latent_formats as lf
+    except ImportError:
+        return None, None
+    fmt = getattr(lf, "Flux", None)
+    if fmt is None:
+        return None, None
+    f = fmt()
+    return getattr(f, "latent_rgb_factors", None), getattr(f, "latent_rgb_factors_bias", None)
+
+
+def comfy_tqdm_class():
+    """A tqdm subclass for huggingface_hub downloads that also drives a ComfyUI progress bar."""
+    import tqdm
+
+    class ComfyTqdm(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._comfy = progress_bar(int(self.total)) if self.total else None
+
+        def update(self, n=1):
+            out = super().update(n)
+            if self._comfy is not None:
+                self._comfy.update_absolute(min(self.n, self.total), self.total)
+            return out
+
+    return ComfyTqdm

@@ -1,0 +1,40 @@
+"""DSD Image Prep: fit reference images into one DSD panel (center crop like the reference, pad, or stretch)."""
+
+from __future__ import annotations
+
+PAD_COLORS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+
+
+class DSDImagePrep:
+    DESCRIPTION = ("Fits the reference into a square panel of panel_size: center_crop (the official DSD preprocessing), "
+                   "pad (keep the whole picture, fill the rest) or stretch. The DSD Sampler does center_crop itself "
+                   "when the image is not panel-sized; use this node to choose otherwise or to see the result.")
+    CATEGORY = "DSD/image"
+    FUNCTION = "prepare"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from dsd_core.image import FIT_MODES, RESAMPLE_FILTERS
+
+        return {"required": {
+            "image": ("IMAGE",),
+            "fit": (list(FIT_MODES), {"default": "center_crop"}),
+            "resample": (list(RESAMPLE_FILTERS), {"default": "bicubic",
+                                                  "tooltip": "bicubic is Pillow's default and the reference's."}),
+            "panel_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 16,
+                                   "tooltip": "Side of the square panel; DSD was trained at 512."}),
+            "pad_color": (list(PAD_COLORS), {"default": "white", "tooltip": "Fill colour for fit = pad."}),
+        }}
+
+    def prepare(self, image, fit, resample, panel_size, pad_color):
+        from dsd_core.image import pil_to_tensor, prepare_reference, tensor_to_pil
+
+        out = [prepare_reference(im, panel_size, panel_size, mode=fit, resample=resample,
+                                 pad_color=PAD_COLORS[pad_color]) for im in tensor_to_pil(image)]
+        return (pil_to_tensor(out),)
+
+
+NODE_CLASS_MAPPINGS = {"DSDImagePrep": DSDImagePrep}
+NODE_DISPLAY_NAME_MAPPINGS = {"DSDImagePrep": "DSD Image Prep"}
