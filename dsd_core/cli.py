@@ -57,6 +57,12 @@ def _add_generate(sub) -> None:
                    help="sample: VAE posterior sample (reference); mode: posterior mean")
     s.add_argument("--fit", choices=FIT_MODES, default="center_crop", help="how the reference fills its panel")
     s.add_argument("--resample", choices=sorted(RESAMPLE_FILTERS), default="bicubic", help="resize filter")
+    e = p.add_argument_group("prompt enhancement (off by default)")
+    e.add_argument("--enhance-prompt", choices=["gemini", "local"], default=None,
+                   help="rewrite the prompt from the reference image first: gemini (key from GEMINI_API_KEY / "
+                        "GOOGLE_API_KEY or DSD_GEMINI_KEY_FILE) or local (a vision-language model folder)")
+    e.add_argument("--enhance-model", default=None, help="Gemini model name (default: DSD_GEMINI_MODEL or the current default)")
+    e.add_argument("--local-vlm", default=None, help="folder of the local vision-language model (--enhance-prompt local)")
     o = p.add_argument_group("output")
     o.add_argument("--save-panel", action="store_true", help="also save the full canvas as OUT_panel.png")
     o.add_argument("--save-reference", action="store_true",
@@ -126,15 +132,26 @@ def run_generate(args) -> int:
     pipe.set_progress_bar_config(disable=args.quiet)
     load_s = time.perf_counter() - t0
     reference = prepare_reference(reference, args.height, args.width // 2, mode=args.fit, resample=args.resample)
+    prompt = args.prompt
+    if args.enhance_prompt:
+        from .prompt import enhance_prompt
+
+        result = enhance_prompt(reference, prompt, backend=args.enhance_prompt, model=args.enhance_model,
+                                local_model_path=args.local_vlm)
+        if result.enhanced:
+            print(f"enhanced prompt ({result.backend}{', cached' if result.cached else ''}): {result.prompt}")
+            prompt = result.prompt
+        else:
+            print(f"prompt not enhanced: {result.warning}", file=sys.stderr)
     t0 = time.perf_counter()
-    out = pipe(reference, args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
+    out = pipe(reference, prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                guidance_scale=args.guidance, image_guidance_scale=args.image_guidance,
                text_guidance_scale=args.text_guidance, true_guidance_start_step=args.true_guidance_start,
                seed=args.seed, num_images_per_prompt=args.num_images, condition_sampling=args.condition_sampling,
                lora_scale=args.lora_scale, batch_true_guidance=args.batch_true_guidance)
     gen_s = time.perf_counter() - t0
     settings = {
-        "prompt": out.prompt, "steps": args.steps, "guidance": args.guidance, "image_guidance": args.image_guidance,
+        "prompt": out.prompt, "user_prompt": args.prompt, "enhance_prompt": args.enhance_prompt, "steps": args.steps, "guidance": args.guidance, "image_guidance": args.image_guidance,
         "text_guidance": args.text_guidance, "true_guidance_start": args.true_guidance_start,
         "height": args.height, "width": args.width, "condition_sampling": args.condition_sampling,
         "fit": args.fit, "resample": args.resample, "lora_scale": args.lora_scale, "no_lora": args.no_lora,

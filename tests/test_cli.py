@@ -136,3 +136,33 @@ def test_readme_test_command_is_what_ci_runs():
     cmd = _readme_block("test-command").strip()
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
     assert cmd in ci.splitlines(), f"{cmd!r} is not a line of .ci/run"
+
+
+def test_generate_with_prompt_enhancement(tiny_model, tmp_path):
+    """Off by default; without a key the run goes on and says why; with a key (fake server) the prompt is used."""
+    from fake_gemini import FakeGemini
+
+    args = ["generate", "--image", tiny_model["reference"], "--prompt", "this fox on a beach", "--base",
+            tiny_model["base"], "--model", tiny_model["model"], "--steps", "1", "--seed", "0", "--height", "256",
+            "--width", "512", "--device", "cpu", "--quiet", "--enhance-prompt", "gemini"]
+    for var in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "DSD_GEMINI_KEY_FILE", "GOOGLE_GENAI_USE_VERTEXAI"):
+        ENV.pop(var, None)
+    ENV["DSD_CACHE_DIR"] = str(tmp_path / "cache")
+    res = cli(*args, "--out", str(tmp_path / "nokey.png"))
+    assert "prompt not enhanced" in res.stderr and "key" in res.stderr.lower()
+    assert json.loads(PIL.Image.open(tmp_path / "nokey.png").text["dsd"])["prompt"] == "this fox on a beach"
+
+    secret = "AIzaTEST-cli-secret-0123456789"
+    with FakeGemini("success") as fake:
+        ENV.update(GEMINI_API_KEY=secret, DSD_GEMINI_BASE_URL=fake.base_url)
+        try:
+            res = cli(*args, "--out", str(tmp_path / "enhanced.png"))
+        finally:
+            for var in ("GEMINI_API_KEY", "DSD_GEMINI_BASE_URL", "DSD_CACHE_DIR"):
+                ENV.pop(var, None)
+        assert fake.request_count == 2
+    assert "enhanced prompt (gemini)" in res.stdout
+    meta = json.loads(PIL.Image.open(tmp_path / "enhanced.png").text["dsd"])
+    assert meta["user_prompt"] == "this fox on a beach" and "fox" in meta["prompt"] and meta["prompt"] != meta["user_prompt"]
+    assert secret.encode() not in (tmp_path / "enhanced.png").read_bytes()
+    assert secret not in res.stdout + res.stderr
