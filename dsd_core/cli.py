@@ -33,6 +33,13 @@ def _add_generate(sub) -> None:
                    help=f"folder or HF repo id holding transformer/ and the LoRA (default {DEFAULT_MODEL})")
     g.add_argument("--transformer", help="DSD transformer folder (overrides the one in --model)")
     g.add_argument("--lora", help="DSD LoRA .safetensors (overrides the one in --model)")
+    f = p.add_argument_group("single files (instead of --base/--model; e.g. ComfyUI's model files, nothing downloaded)")
+    f.add_argument("--transformer-file", help="the DSD transformer as one .safetensors (diffusers or FLUX layout, bf16/fp8)")
+    f.add_argument("--clip-l", help="clip_l.safetensors")
+    f.add_argument("--t5xxl", help="t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn(_scaled).safetensors")
+    f.add_argument("--vae-file", help="ae.safetensors")
+    f.add_argument("--tokenizers", help="folder with the CLIP-L and T5 tokenizers (clip/ + t5/, a diffusers FLUX "
+                                        "folder, or a ComfyUI folder); default: search ComfyUI / local caches")
     g.add_argument("--no-lora", action="store_true", help="run without the LoRA (not the DSD model; for comparisons)")
     g.add_argument("--lora-scale", type=float, default=None, help="LoRA multiplier (default 1.0, the reference)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU (the reference), float32 on CPU")
@@ -74,6 +81,8 @@ def _add_tiny(sub) -> None:
     p = sub.add_parser("tiny-model", help="write a tiny random DSD model set (for tests and demos; images are noise)")
     p.add_argument("out_dir", help="new folder to write base/, dsd/ and reference.png into")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--comfy-files", action="store_true",
+                   help="also write the same weights as ComfyUI single files under OUT_DIR/comfyui_models")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,9 +135,18 @@ def run_generate(args) -> int:
     check_canvas_size(args.height, args.width)
     reference = load_image(args.image)
     t0 = time.perf_counter()
-    pipe = load_pipeline(base=args.base, model=args.model, transformer=args.transformer,
-                         lora=False if args.no_lora else args.lora, dtype=args.dtype, device=args.device,
-                         offload=args.offload, local_files_only=args.offline or None)
+    files = [args.transformer_file, args.clip_l, args.t5xxl, args.vae_file]
+    if any(files):
+        if not all(files):
+            raise DSDError("single-file loading needs all of --transformer-file, --clip-l, --t5xxl and --vae-file.")
+        from .single_file import load_pipeline_from_files
+
+        pipe = load_pipeline_from_files(*files, lora=None if args.no_lora else args.lora, dtype=args.dtype,
+                                        device=args.device, tokenizer_dirs=args.tokenizers, offload=args.offload)
+    else:
+        pipe = load_pipeline(base=args.base, model=args.model, transformer=args.transformer,
+                             lora=False if args.no_lora else args.lora, dtype=args.dtype, device=args.device,
+                             offload=args.offload, local_files_only=args.offline or None)
     pipe.set_progress_bar_config(disable=args.quiet)
     load_s = time.perf_counter() - t0
     reference = prepare_reference(reference, args.height, args.width // 2, mode=args.fit, resample=args.resample)
@@ -156,7 +174,7 @@ def run_generate(args) -> int:
         "height": args.height, "width": args.width, "condition_sampling": args.condition_sampling,
         "fit": args.fit, "resample": args.resample, "lora_scale": args.lora_scale, "no_lora": args.no_lora,
         "dtype": str(pipe.transformer.dtype).replace("torch.", ""), "base": args.base, "model": args.model,
-        "transformer": args.transformer, "lora": args.lora,
+        "transformer": args.transformer or args.transformer_file, "lora": args.lora,
         "versions": {"dsd_core": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
     }
     paths = output_paths(args.out, len(out.images))
@@ -173,9 +191,12 @@ def run_generate(args) -> int:
 
 
 def run_tiny(args) -> int:
-    from .tiny import write_tiny_model
+    from .tiny import write_tiny_comfy_files, write_tiny_model
 
     paths = write_tiny_model(args.out_dir, seed=args.seed)
+    if args.comfy_files:
+        files = write_tiny_comfy_files(os.path.join(args.out_dir, "comfyui_models"), seed=args.seed)
+        paths.update({f"comfy {k}": v for k, v in files.items()})
     print(f"wrote a tiny DSD model set with random weights (its images are noise) to {args.out_dir}:")
     for k, v in paths.items():
         print(f"  {k:12s} {v}")

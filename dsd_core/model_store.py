@@ -95,6 +95,21 @@ class PipelineSpec:
     offload: str = "none"
 
 
+@dataclass(frozen=True)
+class FilesPipelineSpec:
+    """A pipeline from single files (ComfyUI's model folders); see :func:`dsd_core.single_file.load_pipeline_from_files`."""
+
+    transformer: str
+    clip_l: str
+    t5xxl: str
+    vae: str
+    lora: str | None = None
+    tokenizers: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    offload: str = "none"
+
+
 class LazyPipeline:
     """A pipeline loaded on first :meth:`get` and freed by :meth:`release` (it reloads on the next ``get``).
 
@@ -102,7 +117,7 @@ class LazyPipeline:
     memory when asked, and reload transparently.
     """
 
-    def __init__(self, spec: PipelineSpec, loader: Callable[[PipelineSpec], object] | None = None):
+    def __init__(self, spec: PipelineSpec | FilesPipelineSpec, loader: Callable[[object], object] | None = None):
         self.spec = spec
         self._loader = loader or _load_spec
         self._pipe = None
@@ -115,7 +130,7 @@ class LazyPipeline:
     def get(self):
         with self._lock:
             if self._pipe is None:
-                logger.info("loading DSD model %s on base %s", self.spec.model, self.spec.base)
+                logger.info("loading %s", self.spec)
                 self._pipe = self._loader(self.spec)
             return self._pipe
 
@@ -143,7 +158,13 @@ class LazyPipeline:
         return f"LazyPipeline({self.spec}, loaded={self.loaded})"
 
 
-def _load_spec(spec: PipelineSpec):
+def _load_spec(spec: PipelineSpec | FilesPipelineSpec):
+    if isinstance(spec, FilesPipelineSpec):
+        from .single_file import load_pipeline_from_files
+
+        return load_pipeline_from_files(spec.transformer, spec.clip_l, spec.t5xxl, spec.vae, lora=spec.lora,
+                                        dtype=spec.dtype, device=spec.device, tokenizer_dirs=spec.tokenizers,
+                                        offload=spec.offload)
     from .loading import load_pipeline
 
     return load_pipeline(base=spec.base, model=spec.model, dtype=spec.dtype, device=spec.device,

@@ -107,7 +107,7 @@ def build_components(seed: int = 0) -> dict:
     torch.manual_seed(seed + 1)
     t5 = T5EncoderModel(T5Config(
         d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, vocab_size=len(tok2),
+        relative_attention_num_buckets=8, relative_attention_max_distance=128, vocab_size=len(tok2),
         pad_token_id=tok2.pad_token_id, eos_token_id=tok2.eos_token_id, decoder_start_token_id=0))
     torch.manual_seed(seed + 2)
     vae = AutoencoderKL(**VAE_CONFIG)
@@ -168,6 +168,46 @@ def reference_image(width: int = 640, height: int = 480, seed: int = 0) -> PIL.I
         color = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x0 + w, y0 + h], fill=color)
     return im
+
+
+#: Where :func:`write_tiny_comfy_files` puts each file, relative to a ComfyUI ``models`` folder.
+COMFY_FILES = {
+    "transformer": "diffusion_models/dsd_transformer.safetensors",
+    "lora": "loras/dsd_lora.safetensors",
+    "clip_l": "text_encoders/clip_l.safetensors",
+    "t5xxl": "text_encoders/t5xxl_fp16.safetensors",
+    "vae": "vae/ae.safetensors",
+    "tokenizers": "dsd/tokenizers",
+}
+
+
+def write_tiny_comfy_files(models_dir: str, seed: int = 0) -> dict[str, str]:
+    """The tiny model set as the single files ComfyUI users keep, under a ComfyUI ``models`` folder.
+
+    Same weights as :func:`write_tiny_model` with the same seed: the DSD transformer as one safetensors file
+    (diffusers layout), the LoRA, ``clip_l`` and ``t5xxl_fp16`` (Hugging Face keys), the VAE (diffusers layout), and
+    the tiny tokenizers in ``dsd/tokenizers/{clip,t5}`` (real ComfyUI installs have the real ones built in).
+    """
+    from safetensors.torch import save_file
+
+    c = build_components(seed)
+    lora, lora_meta = lora_state_dict(c["dsd_transformer"], seed=seed + 6)
+    paths = {k: os.path.join(models_dir, v) for k, v in COMFY_FILES.items()}
+    for key in ("transformer", "lora", "clip_l", "t5xxl", "vae"):
+        os.makedirs(os.path.dirname(paths[key]), exist_ok=True)
+    t5 = {k: v.half() for k, v in c["text_encoder_2"].state_dict().items() if k != "encoder.embed_tokens.weight"}
+    files = {
+        "transformer": c["dsd_transformer"].state_dict(),
+        "clip_l": {"text_model." + k: v for k, v in c["text_encoder"].state_dict().items()},
+        "t5xxl": t5,
+        "vae": c["vae"].state_dict(),
+    }
+    for key, state in files.items():
+        save_file({k: v.contiguous() for k, v in state.items()}, paths[key], metadata={"format": "pt"})
+    save_lora(paths["lora"], lora, lora_meta)
+    c["tokenizer"].save_pretrained(os.path.join(paths["tokenizers"], "clip"))
+    c["tokenizer_2"].save_pretrained(os.path.join(paths["tokenizers"], "t5"))
+    return paths
 
 
 def write_tiny_model(out_dir: str, seed: int = 0) -> dict[str, str]:

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 _CORE = ("diffusers", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub")
 # module -> (node names, packages it needs); google-genai stays optional (the enhancer falls back without it)
 _MODULES = {
-    "loader": (("DSDModelLoader", "DSDUnloadModel"), _CORE),
+    "loader": (("DSDModelLoader", "DSDFilesLoader", "DSDUnloadModel"), _CORE),
     "image_prep": (("DSDImagePrep",), ()),
     "sampler": (("DSDSampler",), _CORE),
     "prompt_enhancer": (("DSDPromptEnhancer",), ()),

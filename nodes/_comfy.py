@@ -33,6 +33,30 @@ def folder_roots(name: str) -> list[str]:
         return [os.path.join(folder_paths.models_dir, name)]
 
 
+def filenames(name: str) -> list[str]:
+    """Files ComfyUI lists for a model folder (``unet``, ``clip``, ``vae``, ``loras``), or [] outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    try:
+        return list(folder_paths.get_filename_list(name))
+    except KeyError:
+        return []
+
+
+def full_path(name: str, filename: str) -> str | None:
+    """The full path of a listed model file, or None (``get_full_path_or_raise`` is missing in older ComfyUI)."""
+    try:
+        import folder_paths
+    except ImportError:
+        for root in folder_roots(name):
+            if os.path.isfile(os.path.join(root, filename)):
+                return os.path.join(root, filename)
+        return None
+    return folder_paths.get_full_path(name, filename)
+
+
 def torch_device() -> str:
     try:
         import comfy.model_management as mm

@@ -88,6 +88,59 @@ def _resolve(name: str, folder: str, download_missing: bool, kind: str) -> str:
     return download_base(where, tqdm_class=tqdm_class)
 
 
+class DSDFilesLoader:
+    DESCRIPTION = (
+        "Loads DSD from the single files ComfyUI users already have, with nothing downloaded: the DSD transformer "
+        "as one safetensors file in models/diffusion_models (diffusers or original FLUX key layout, bf16 or fp8; e.g. "
+        "primecai/dsd_model's transformer/diffusion_pytorch_model.safetensors renamed dsd_transformer.safetensors), "
+        "the DSD LoRA in models/loras, clip_l and t5xxl (fp16 or fp8) in models/text_encoders and ae in models/vae. "
+        "Tokenizers come from models/dsd/tokenizers/{clip,t5} if present, else from this ComfyUI's own copies."
+    )
+    CATEGORY = "DSD/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = ("DSD_MODEL",)
+    RETURN_NAMES = ("dsd_model",)
+    DEFAULTS = {"transformer": "dsd_transformer.safetensors", "lora": "dsd_lora.safetensors",
+                "clip_l": "clip_l.safetensors", "t5xxl": "t5xxl_fp16.safetensors", "vae": "ae.safetensors"}
+    FOLDERS = {"transformer": "unet", "lora": "loras", "clip_l": "clip", "t5xxl": "clip", "vae": "vae"}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        def files(key):
+            return (_choices(cls.DEFAULTS[key], _comfy.filenames(cls.FOLDERS[key])), {"default": cls.DEFAULTS[key]})
+
+        return {"required": {
+            "transformer": files("transformer"), "lora": files("lora"), "clip_l": files("clip_l"),
+            "t5xxl": files("t5xxl"), "vae": files("vae"),
+            "dtype": (DTYPES, {"default": "auto", "tooltip": "auto: bfloat16 on a GPU, float32 on CPU; fp8 files are "
+                                                             "upcast to it."}),
+            "offload": (OFFLOAD, {"default": "none"}),
+        }}
+
+    def load(self, transformer, lora, clip_l, t5xxl, vae, dtype, offload):
+        from dsd_core.model_store import FilesPipelineSpec, LazyPipeline, find_folder
+
+        paths = {key: _file(name, self.FOLDERS[key], key) for key, name in
+                 dict(transformer=transformer, lora=lora, clip_l=clip_l, t5xxl=t5xxl, vae=vae).items()}
+        spec = FilesPipelineSpec(**paths, tokenizers=find_folder("tokenizers", _comfy.folder_roots(_comfy.DSD_FOLDER)),
+                                 dtype=None if dtype == "auto" else dtype, device=_comfy.torch_device(),
+                                 offload=offload)
+        handle = LazyPipeline(spec)
+        handle.get()
+        return (handle,)
+
+
+def _file(name: str, folder: str, what: str) -> str:
+    from dsd_core.errors import ModelNotFoundError
+
+    path = _comfy.full_path(folder, name)
+    if path is None:
+        raise ModelNotFoundError(f"{what} file {name} not found in ComfyUI's {folder} folders "
+                                 f"({', '.join(_comfy.folder_roots(folder)) or 'none registered'}); put it there "
+                                 "or pick another file.")
+    return path
+
+
 class DSDUnloadModel:
     DESCRIPTION = "Frees the memory of a loaded DSD model now. It is loaded again when a DSD node next needs it."
     CATEGORY = "DSD/loaders"
@@ -104,5 +157,7 @@ class DSDUnloadModel:
         return {}
 
 
-NODE_CLASS_MAPPINGS = {"DSDModelLoader": DSDModelLoader, "DSDUnloadModel": DSDUnloadModel}
-NODE_DISPLAY_NAME_MAPPINGS = {"DSDModelLoader": "DSD Model Loader", "DSDUnloadModel": "DSD Unload Model"}
+NODE_CLASS_MAPPINGS = {"DSDModelLoader": DSDModelLoader, "DSDFilesLoader": DSDFilesLoader,
+                       "DSDUnloadModel": DSDUnloadModel}
+NODE_DISPLAY_NAME_MAPPINGS = {"DSDModelLoader": "DSD Model Loader", "DSDFilesLoader": "DSD Model Loader (ComfyUI files)",
+                              "DSDUnloadModel": "DSD Unload Model"}

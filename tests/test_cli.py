@@ -166,3 +166,21 @@ def test_generate_with_prompt_enhancement(tiny_model, tmp_path):
     assert meta["user_prompt"] == "this fox on a beach" and "fox" in meta["prompt"] and meta["prompt"] != meta["user_prompt"]
     assert secret.encode() not in (tmp_path / "enhanced.png").read_bytes()
     assert secret not in res.stdout + res.stderr
+
+
+def test_generate_from_single_files(tmp_path):
+    """tiny-model --comfy-files, then generate from the single files alone (what a ComfyUI user has)."""
+    cli("tiny-model", str(tmp_path / "t"), "--comfy-files")
+    m = tmp_path / "t" / "comfyui_models"
+    args = ["generate", "--image", str(tmp_path / "t" / "reference.png"), "--prompt", "a cat", "--steps", "1",
+            "--height", "256", "--width", "512", "--seed", "1", "--device", "cpu", "--quiet",
+            "--transformer-file", str(m / "diffusion_models" / "dsd_transformer.safetensors"),
+            "--clip-l", str(m / "text_encoders" / "clip_l.safetensors"),
+            "--t5xxl", str(m / "text_encoders" / "t5xxl_fp16.safetensors"), "--vae-file", str(m / "vae" / "ae.safetensors"),
+            "--lora", str(m / "loras" / "dsd_lora.safetensors")]
+    cli(*args, "--tokenizers", str(m / "dsd" / "tokenizers"), "--out", str(tmp_path / "o.png"))
+    assert PIL.Image.open(tmp_path / "o.png").size == (256, 256)
+    res = cli(*args, "--tokenizers", str(tmp_path), "--out", str(tmp_path / "x.png"), check=False)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
+    res = cli(*args[:-2], "--out", str(tmp_path / "y.png"), "--clip-l", str(m / "vae" / "ae.safetensors"), check=False)
+    assert res.returncode == 2 and "error:" in res.stderr and "Traceback" not in res.stderr

@@ -184,3 +184,34 @@ except RuntimeError as e:
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stdout + res.stderr
+
+
+def test_files_loader_runs_from_comfyui_single_files(tmp_path, monkeypatch):
+    """DSD from clip_l / t5xxl / ae / one transformer file / LoRA, as ComfyUI keeps them; nothing downloaded."""
+    from dsd_core.single_file import load_pipeline_from_files
+    from dsd_core.tiny import reference_image, write_tiny_comfy_files
+
+    paths = write_tiny_comfy_files(str(tmp_path / "models"))
+    m = tmp_path / "models"
+    roots = {"unet": [str(m / "diffusion_models")], "loras": [str(m / "loras")], "clip": [str(m / "text_encoders")],
+             "vae": [str(m / "vae")], _comfy.DSD_FOLDER: [str(m / "dsd")]}
+    monkeypatch.setattr(_comfy, "folder_roots", lambda name: roots.get(name, []))
+    monkeypatch.setattr(_comfy, "torch_device", lambda: "cpu")
+    cls = nodes.NODE_CLASS_MAPPINGS["DSDFilesLoader"]
+    handle = cls().load(transformer="dsd_transformer.safetensors", lora="dsd_lora.safetensors",
+                        clip_l="clip_l.safetensors", t5xxl="t5xxl_fp16.safetensors", vae="ae.safetensors",
+                        dtype="float32", offload="none")[0]
+    image = pil_to_tensor(reference_image(seed=4))
+    images, _, _ = _sample(handle, image)
+    direct = load_pipeline_from_files(paths["transformer"], paths["clip_l"], paths["t5xxl"], paths["vae"],
+                                      lora=paths["lora"], dtype="float32", device="cpu",
+                                      tokenizer_dirs=paths["tokenizers"])
+    direct.set_progress_bar_config(disable=True)
+    want = direct(prepare_reference(tensor_to_pil(image)[0], 256, 256), "a cat on a red chair", height=256,
+                  width=512, num_inference_steps=2, seed=3, output_type="pt").images
+    assert torch.equal(images, want.permute(0, 2, 3, 1))
+    from dsd_core.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="vae file missing.safetensors not found"):
+        cls().load(transformer="dsd_transformer.safetensors", lora="dsd_lora.safetensors", clip_l="clip_l.safetensors",
+                   t5xxl="t5xxl_fp16.safetensors", vae="missing.safetensors", dtype="float32", offload="none")

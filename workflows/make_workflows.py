@@ -39,6 +39,7 @@ INTERFACES = {
     "SaveImage": dict(links=[("images", "IMAGE")], outputs=[]),
     "PreviewImage": dict(links=[("images", "IMAGE")], outputs=[]),
     "DSDModelLoader": dict(links=[], outputs=[("dsd_model", "DSD_MODEL")]),
+    "DSDFilesLoader": dict(links=[], outputs=[("dsd_model", "DSD_MODEL")]),
     "DSDImagePrep": dict(links=[("image", "IMAGE")], outputs=[("image", "IMAGE")]),
     "DSDSampler": dict(links=[("dsd_model", "DSD_MODEL"), ("image", "IMAGE")],
                        outputs=[("images", "IMAGE"), ("reference_reconstruction", "IMAGE"),
@@ -112,7 +113,31 @@ def true_guidance() -> tuple[list[Node], list[tuple]]:
     return nodes, notes
 
 
-GRAPHS = {"dsd_basic": basic, "dsd_true_guidance": true_guidance}
+def comfy_files() -> tuple[list[Node], list[tuple]]:
+    nodes = [
+        Node(1, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, 330), size=(320, 320)),
+        Node(2, "DSDFilesLoader", dict(transformer="dsd_transformer.safetensors", lora="dsd_lora.safetensors",
+                                       clip_l="clip_l.safetensors", t5xxl="t5xxl_fp16.safetensors",
+                                       vae="ae.safetensors", dtype="auto", offload="none"),
+             pos=(40, 40), size=(340, 230)),
+        sampler(3, (420, 80), model=2, image=1, prompt="this character reading a book in a cozy library", seed=7),
+        Node(4, "SaveImage", dict(filename_prefix="dsd_comfy_files"), {"images": (3, 0)}, pos=(840, 80),
+             size=(400, 440)),
+    ]
+    notes = [
+        ((40, -200), (760, 220),
+         "DSD from the files you already have (nothing downloaded)\n\n"
+         "models/text_encoders: clip_l.safetensors and t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn); models/vae: "
+         "ae.safetensors - the same files FLUX workflows use.\n"
+         "models/diffusion_models/dsd_transformer.safetensors: primecai/dsd_model's "
+         "transformer/diffusion_pytorch_model.safetensors, renamed (bf16, fp8 and the original FLUX key layout "
+         "work too).\nmodels/loras/dsd_lora.safetensors: its pytorch_lora_weights.safetensors, renamed.\n"
+         "The tokenizers come from ComfyUI itself."),
+    ]
+    return nodes, notes
+
+
+GRAPHS = {"dsd_basic": basic, "dsd_true_guidance": true_guidance, "dsd_comfy_files": comfy_files}
 
 
 def to_api(nodes: list[Node]) -> dict:

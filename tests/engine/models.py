@@ -4,7 +4,9 @@
 that already has the subfolders in ``MODEL_SUBDIRS``; every subfolder that exists when it returns is registered with
 ComfyUI under its own name (``diffusion_models`` also as ``unet``, ``text_encoders`` also as ``clip``). It writes the
 tiny DSD model set under the standard names the shipped workflows use: ``dsd/dsd_model`` and
-``diffusers/FLUX.1-dev``. Runs in the pytest process: keep ComfyUI imports out of it.
+``diffusers/FLUX.1-dev``, and again as single files (``diffusion_models/dsd_transformer.safetensors``,
+``loras/dsd_lora.safetensors``, ``text_encoders/clip_l.safetensors`` + ``t5xxl_fp16.safetensors``, ``vae/ae.safetensors``,
+tiny tokenizers in ``dsd/tokenizers``). Runs in the pytest process: keep ComfyUI imports out of it.
 
 ``server_environment(root)`` returns extra environment variables for the server process: a Gemini API key that
 must never leak, pointed at a fake Gemini server on 127.0.0.1 (``FAKE_GEMINI``) started for the session.
@@ -31,13 +33,14 @@ FAKE_GEMINI = None
 def populate_models(models_dir: Path) -> None:
     """Write the tiny DSD model set as models/dsd/dsd_model and models/diffusers/FLUX.1-dev."""
     from dsd_core.model_store import DEFAULT_BASE_NAME, DEFAULT_MODEL_NAME
-    from dsd_core.tiny import write_tiny_model
+    from dsd_core.tiny import write_tiny_comfy_files, write_tiny_model
 
     parts = write_tiny_model(str(models_dir / ".tiny"))
     shutil.move(parts["model"], models_dir / "dsd" / DEFAULT_MODEL_NAME)
     shutil.move(parts["base"], models_dir / "diffusers" / DEFAULT_BASE_NAME)
     shutil.move(parts["reference"], models_dir / "reference.png")
     shutil.rmtree(models_dir / ".tiny")
+    write_tiny_comfy_files(str(models_dir))  # the same weights as ComfyUI single files
 
 
 def server_environment(root: Path) -> dict:

@@ -37,15 +37,29 @@ def engine(comfy_engine):
 _EXPECTED: dict = {}
 
 
-def expected_image(engine, sampler_inputs: dict) -> np.ndarray:
-    """The same generation through dsd_core directly (same files, float32 on CPU like the --cpu server)."""
-    from dsd_core.image import load_image, prepare_reference
+def core_pipeline(engine, loader: dict):
+    """The pipeline the loader node describes, loaded by dsd_core directly (float32 on CPU like the --cpu server)."""
     from dsd_core.loading import load_pipeline
+    from dsd_core.single_file import load_pipeline_from_files
 
-    key = json.dumps(sampler_inputs, sort_keys=True, default=str)
+    m = engine.models_dir
+    if loader["class_type"] == "DSDFilesLoader":
+        i = loader["inputs"]
+        return load_pipeline_from_files(m / "diffusion_models" / i["transformer"], m / "text_encoders" / i["clip_l"],
+                                        m / "text_encoders" / i["t5xxl"], m / "vae" / i["vae"],
+                                        lora=m / "loras" / i["lora"], device="cpu",
+                                        tokenizer_dirs=m / "dsd" / "tokenizers")
+    return load_pipeline(str(m / "diffusers" / loader["inputs"]["base"]), str(m / "dsd" / loader["inputs"]["model"]),
+                         device="cpu")
+
+
+def expected_image(engine, loader: dict, sampler_inputs: dict) -> np.ndarray:
+    """The same generation through dsd_core directly."""
+    from dsd_core.image import load_image, prepare_reference
+
+    key = json.dumps([loader, sampler_inputs], sort_keys=True, default=str)
     if key not in _EXPECTED:
-        pipe = load_pipeline(str(engine.models_dir / "diffusers" / "FLUX.1-dev"),
-                             str(engine.models_dir / "dsd" / "dsd_model"), device="cpu")
+        pipe = core_pipeline(engine, loader)
         pipe.set_progress_bar_config(disable=True)
         s = sampler_inputs
         ref = prepare_reference(load_image(engine.input_dir / REFERENCE), s["panel_size"], s["panel_size"],
@@ -84,7 +98,8 @@ def test_shipped_api_workflow_runs_and_matches_core(engine, comfy, name):
     sampler = next(v for v in prompt.values() if v["class_type"] == "DSDSampler")["inputs"]
     assert pixels.shape == (sampler["panel_size"], sampler["panel_size"], 3)
     assert pixels.std() > 5, "blank image"
-    want = expected_image(engine, sampler)
+    loader = next(v for v in prompt.values() if v["class_type"] in ("DSDModelLoader", "DSDFilesLoader"))
+    want = expected_image(engine, loader, sampler)
     diff = np.abs(pixels.astype(int) - want.astype(int))
     assert diff.max() == 0, f"engine vs dsd_core: max {diff.max()}, mean {diff.mean():.4f}"
 
