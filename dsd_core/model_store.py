@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -132,6 +133,8 @@ class LazyPipeline:
             if self._pipe is None:
                 logger.info("loading %s", self.spec)
                 self._pipe = self._loader(self.spec)
+                # logged when the pipeline is really freed (release(), or the handle dropped by an application cache)
+                weakref.finalize(self._pipe, logger.info, "released the DSD model (%s)", self.spec)
             return self._pipe
 
     def release(self) -> None:

@@ -215,3 +215,18 @@ def test_files_loader_runs_from_comfyui_single_files(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="vae file missing.safetensors not found"):
         cls().load(transformer="dsd_transformer.safetensors", lora="dsd_lora.safetensors", clip_l="clip_l.safetensors",
                    t5xxl="t5xxl_fp16.safetensors", vae="missing.safetensors", dtype="float32", offload="none")
+
+
+def test_dropping_the_handle_frees_the_pipeline(comfy_models, caplog):
+    """ComfyUI's "free memory" clears its output cache, which holds the only reference to the handle."""
+    import gc
+    import logging
+    import weakref
+
+    handle = _load()
+    pipe = weakref.ref(handle.get())
+    with caplog.at_level(logging.INFO, logger="dsd_core.model_store"):
+        del handle
+        gc.collect()
+    assert pipe() is None
+    assert "released the DSD model" in caplog.text

@@ -191,3 +191,18 @@ def test_prompt_enhancer_key_never_leaks(engine, comfy):
     for root, _, files in os.walk(engine.output_dir):
         for f in files:
             assert secret not in open(os.path.join(root, f), "rb").read(), f
+
+
+def test_free_memory_releases_the_model(engine, comfy):
+    """ComfyUI's "free model and node cache" (POST /free) drops the cached DSD model."""
+    prompt = unique(api_workflows()["dsd_basic.api.json"])
+    prompt["2"]["inputs"]["offload"] = "model"  # a loader input no other test uses: a fresh handle
+    prompt["3"]["inputs"].update(steps=1, panel_size=256)
+    assert_success(comfy.run(prompt, timeout=300))
+    released = engine.log_text().count("released the DSD model")
+    assert comfy.free(unload_models=True, free_memory=True) == 200
+    deadline = time.monotonic() + 30
+    while engine.log_text().count("released the DSD model") <= released:
+        assert time.monotonic() < deadline, "the DSD model was not released after POST /free"
+        time.sleep(0.2)
+    assert_success(comfy.run(unique(prompt), timeout=300))  # and it loads again when needed
