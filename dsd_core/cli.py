@@ -44,8 +44,26 @@ def _add_generate(sub) -> None:
     g.add_argument("--lora-scale", type=float, default=None, help="LoRA multiplier (default 1.0, the reference)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU (the reference), float32 on CPU")
     g.add_argument("--device", choices=["cuda", "cpu", "mps"], help="default: cuda if available, else mps, else cpu")
-    g.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
-                   help="model: one component on the GPU at a time; sequential: layer by layer (least memory, slow)")
+    from .memory.config import PRESETS, TEXT_ENCODER_WEIGHTS, TRANSFORMER_WEIGHTS
+
+    m = p.add_argument_group("memory and speed (see `python -m dsd_core memory` for the estimates)")
+    m.add_argument("--memory", choices=list(PRESETS), default=None,
+                   help="a preset by GPU size: " + "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items()))
+    m.add_argument("--offload", choices=OFFLOAD_MODES, default=None,
+                   help="model: one component on the GPU at a time; group: block by block; sequential: layer by "
+                        "layer (least memory, slowest); overrides the preset's")
+    m.add_argument("--transformer-weights", choices=TRANSFORMER_WEIGHTS, default=None,
+                   help="transformer weight storage (fp8: float8, upcast per layer; int8/int4: torchao; nf4: "
+                        "bitsandbytes, CUDA; gguf: see --gguf); overrides the preset's")
+    m.add_argument("--text-encoder-weights", choices=TEXT_ENCODER_WEIGHTS, default=None,
+                   help="T5/CLIP weight storage; overrides the preset's")
+    m.add_argument("--gguf", default=None, help="a GGUF quant of the DSD transformer (replaces its transformer/)")
+    m.add_argument("--fuse-lora", action="store_true", default=None, help="merge the LoRA into the weights")
+    m.add_argument("--release-text-encoders", action="store_true", default=None,
+                   help="free the text encoders once the prompt is encoded")
+    m.add_argument("--fast", action="store_true", help="fast mode: First Block Cache (lossy, see the README)")
+    m.add_argument("--compile", choices=["off", "regional", "full"], default="off", help="torch.compile the transformer")
+    m.add_argument("--attention-backend", default=None, help="a diffusers attention backend (default: torch SDPA)")
     g.add_argument("--offline", action="store_true", help="never download (also: HF_HUB_OFFLINE=1)")
     s = p.add_argument_group("sampling")
     s.add_argument("--seed", type=int, default=None, help="seed; image k uses seed+k (default: random, printed)")
@@ -77,6 +95,10 @@ def _add_generate(sub) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_memory(sub) -> None:
+    sub.add_parser("memory", help="print the estimated peak VRAM of each memory preset (full-size DSD, 512x1024)")
+
+
 def _add_tiny(sub) -> None:
     p = sub.add_parser("tiny-model", help="write a tiny random DSD model set (for tests and demos; images are noise)")
     p.add_argument("out_dir", help="new folder to write base/, dsd/ and reference.png into")
@@ -92,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_tiny(sub)
+    _add_memory(sub)
     return parser
 
 
@@ -120,6 +143,26 @@ def save_png(image, path: str, metadata: dict) -> None:
         raise
 
 
+def memory_config(args):
+    """The MemoryConfig the flags describe: the preset (default: no savings) with the given switches changed."""
+    from .memory.config import MemoryConfig
+
+    switches = {k: v for k, v in dict(offload=args.offload, transformer_weights=args.transformer_weights,
+                                       text_encoder_weights=args.text_encoder_weights, gguf_file=args.gguf,
+                                       fuse_lora=args.fuse_lora,
+                                       release_text_encoders=args.release_text_encoders).items() if v is not None}
+    return MemoryConfig.from_preset(args.memory or "full", **switches)
+
+
+def speed_config(args):
+    import dataclasses
+
+    from .speed import SpeedConfig
+
+    base = SpeedConfig.fast() if args.fast else SpeedConfig()
+    return dataclasses.replace(base, compile=args.compile, attention_backend=args.attention_backend)
+
+
 def run_generate(args) -> int:
     import diffusers
     import torch
@@ -142,11 +185,13 @@ def run_generate(args) -> int:
         from .single_file import load_pipeline_from_files
 
         pipe = load_pipeline_from_files(*files, lora=None if args.no_lora else args.lora, dtype=args.dtype,
-                                        device=args.device, tokenizer_dirs=args.tokenizers, offload=args.offload)
+                                        device=args.device, tokenizer_dirs=args.tokenizers,
+                                        memory=memory_config(args), speed=speed_config(args))
     else:
         pipe = load_pipeline(base=args.base, model=args.model, transformer=args.transformer,
                              lora=False if args.no_lora else args.lora, dtype=args.dtype, device=args.device,
-                             offload=args.offload, local_files_only=args.offline or None)
+                             local_files_only=args.offline or None, memory=memory_config(args),
+                             speed=speed_config(args))
     pipe.set_progress_bar_config(disable=args.quiet)
     load_s = time.perf_counter() - t0
     reference = prepare_reference(reference, args.height, args.width // 2, mode=args.fit, resample=args.resample)
@@ -175,6 +220,7 @@ def run_generate(args) -> int:
         "fit": args.fit, "resample": args.resample, "lora_scale": args.lora_scale, "no_lora": args.no_lora,
         "dtype": str(pipe.transformer.dtype).replace("torch.", ""), "base": args.base, "model": args.model,
         "transformer": args.transformer or args.transformer_file, "lora": args.lora,
+        "memory": pipe.memory_config.describe(), "fast": args.fast, "compile": args.compile,
         "versions": {"dsd_core": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
     }
     paths = output_paths(args.out, len(out.images))
@@ -203,11 +249,18 @@ def run_tiny(args) -> int:
     return 0
 
 
+def run_memory(args) -> int:
+    from .memory import preset_table
+
+    print(preset_table())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        return {"generate": run_generate, "tiny-model": run_tiny}[args.command](args)
+        return {"generate": run_generate, "tiny-model": run_tiny, "memory": run_memory}[args.command](args)
     except (DSDError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import os
 import torch
 
 from .errors import DSDError, ModelFormatError, ModelNotFoundError
+from .memory.config import OFFLOAD_MODES  # noqa: F401  (re-exported for the CLI and nodes)
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,6 @@ TRANSFORMER_DIR = "transformer"
 BASE_COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
 BASE_PATTERNS = ["model_index.json"] + [f"{c}/*" for c in BASE_COMPONENTS]
 MODEL_PATTERNS = [f"{TRANSFORMER_DIR}/*", LORA_FILENAME]
-OFFLOAD_MODES = ("none", "model", "sequential")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -172,6 +172,7 @@ def load_pipeline(
     local_files_only: bool = False,
     init_condition_embedder: bool = False,
     memory=None,
+    speed=None,
 ):
     """Build a ready :class:`~dsd_core.DSDPipeline` from a base, a DSD transformer and the DSD LoRA.
 
@@ -181,24 +182,28 @@ def load_pipeline(
         transformer, lora: explicit overrides of the model folder's parts (``lora=False``: no LoRA).
         dtype: ``bfloat16`` / ``float16`` / ``float32`` (default: bf16 on GPU, fp32 on CPU).
         device: ``cuda`` / ``mps`` / ``cpu`` (default: the best available).
-        offload: ``none`` (all on device), ``model`` (one component at a time on the GPU) or ``sequential``
-            (layer by layer; least memory, slowest).
+        offload: ``none`` (all on device), ``model`` (one component at a time on the GPU), ``group`` (block by
+            block) or ``sequential`` (layer by layer; least memory, slowest). Shorthand for ``memory``'s offload.
         token: Hugging Face token (default: the user's login / ``HF_TOKEN``).
         local_files_only: never download; missing files are an error that says what to fetch.
         init_condition_embedder: accept a plain FLUX transformer and start ``c_embedder`` at zero (training).
         memory: a memory preset (``full``, ``24gb``, ``16gb``, ``12gb``, ``8gb``, ``lowest``), a
             :class:`dsd_core.memory.MemoryConfig` or a dict of its switches (weight storage fp8/int8/int4/nf4/gguf,
             offload incl. ``group``, LoRA fusing, text-encoder release); default: no savings, ``offload`` applies.
+        speed: ``exact`` (default), ``fast``, a :class:`dsd_core.speed.SpeedConfig` or a dict of its switches
+            (torch.compile, attention backend, First Block Cache, true-guidance window).
     """
-    from .memory.apply import apply_memory, load_transformer, resolve_gguf_parts
+    from .memory.apply import apply_memory, check_available, load_transformer, resolve_gguf_parts
     from .memory.config import resolve_memory
     from .pipeline import DSDPipeline
 
-    if offload not in OFFLOAD_MODES:
-        raise DSDError(f"unknown offload mode {offload!r}; use one of {', '.join(OFFLOAD_MODES)}.")
+    from .speed import apply_speed, resolve_speed
+
     memory = resolve_memory(memory, offload)
+    speed = resolve_speed(speed)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
+    check_available(memory, device)  # before any download
     if memory.transformer_weights == "gguf":  # the GGUF file replaces the transformer/ folder
         transformer_dir, lora_file = resolve_gguf_parts(model, transformer, lora, token, local_files_only)
     else:
@@ -213,4 +218,5 @@ def load_pipeline(
     if lora_file is not None:
         pipe.load_dsd_lora(lora_file)
     apply_memory(pipe, memory, device)  # LoRA fusing, fp8 casting, offload or placement on the device
+    apply_speed(pipe, speed)
     return pipe

@@ -93,7 +93,8 @@ class PipelineSpec:
     model: str
     dtype: str | None = None
     device: str | None = None
-    offload: str = "none"
+    memory: str = "full"
+    speed: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ class FilesPipelineSpec:
     tokenizers: str | None = None
     dtype: str | None = None
     device: str | None = None
-    offload: str = "none"
+    memory: str = "full"
+    speed: str = "exact"
 
 
 class LazyPipeline:
@@ -167,8 +169,8 @@ def _load_spec(spec: PipelineSpec | FilesPipelineSpec):
 
         return load_pipeline_from_files(spec.transformer, spec.clip_l, spec.t5xxl, spec.vae, lora=spec.lora,
                                         dtype=spec.dtype, device=spec.device, tokenizer_dirs=spec.tokenizers,
-                                        offload=spec.offload)
+                                        memory=spec.memory, speed=spec.speed)
     from .loading import load_pipeline
 
     return load_pipeline(base=spec.base, model=spec.model, dtype=spec.dtype, device=spec.device,
-                         offload=spec.offload, local_files_only=True)
+                         memory=spec.memory, speed=spec.speed, local_files_only=True)

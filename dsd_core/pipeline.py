@@ -276,6 +276,9 @@ class DSDPipeline(FluxPipeline):
         for k in callback_on_step_end_tensor_inputs:
             if k not in self._callback_tensor_inputs:
                 raise InputError(f"callback tensor {k!r} is not available; choose from {self._callback_tensor_inputs}.")
+        speed = getattr(self, "speed_config", None)  # dsd_core.speed.apply_speed: the fast mode's guidance window
+        if true_guidance_end_step is None and speed is not None:
+            true_guidance_end_step = speed.call_kwargs(num_inference_steps).get("true_guidance_end_step")
         guidance_cfg = TrueGuidance(image_guidance_scale, text_guidance_scale, true_guidance_start_step,
                                     true_guidance_end_step)
         n = num_images_per_prompt

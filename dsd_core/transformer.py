@@ -80,7 +80,18 @@ class DSDTransformer2DModel(FluxTransformer2DModel):
         nn.init.zeros_(self.c_embedder.bias)
         self._condition: torch.Tensor | None = None
         self._condition_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.x_embedder.register_forward_hook(self._add_condition_embedding)
+        self._hooked_embedder = 0
+        self._hook_condition()
+
+    def _hook_condition(self) -> None:
+        """Attach the condition hook to the current ``x_embedder``.
+
+        Quantizers (GGUF, bitsandbytes) replace ``x_embedder`` after construction; without re-attaching, the
+        reference image would be silently ignored. Checked on every forward, so any replacement is covered.
+        """
+        if self._hooked_embedder != id(self.x_embedder):
+            self.x_embedder.register_forward_hook(self._add_condition_embedding)
+            self._hooked_embedder = id(self.x_embedder)
 
     # ------------------------------------------------------------------ condition
     def embed_condition(self, condition_hidden_states: torch.Tensor) -> torch.Tensor:
@@ -129,6 +140,7 @@ class DSDTransformer2DModel(FluxTransformer2DModel):
                     f"condition batch {condition_hidden_states.shape[0]} does not match latent batch "
                     f"{hidden_states.shape[0]}; pass a batch of 1 (broadcast) or one condition per latent."
                 )
+        self._hook_condition()
         self._condition = condition_hidden_states
         try:
             return super().forward(hidden_states, *args, **kwargs)

@@ -45,6 +45,17 @@ def filenames(name: str) -> list[str]:
         return []
 
 
+def filenames_with_extension(name: str, extension: str) -> list[str]:
+    """Files with ``extension`` under the folders of ``name`` (relative paths, like ComfyUI's lists)."""
+    found = set()
+    for root in folder_roots(name):
+        for folder, _, files in os.walk(root, followlinks=True):
+            for f in files:
+                if f.lower().endswith(extension):
+                    found.add(os.path.relpath(os.path.join(folder, f), root).replace(os.sep, "/"))
+    return sorted(found)
+
+
 def full_path(name: str, filename: str) -> str | None:
     """The full path of a listed model file, or None (``get_full_path_or_raise`` is missing in older ComfyUI)."""
     try:
@@ -54,7 +65,12 @@ def full_path(name: str, filename: str) -> str | None:
             if os.path.isfile(os.path.join(root, filename)):
                 return os.path.join(root, filename)
         return None
-    return folder_paths.get_full_path(name, filename)
+    path = folder_paths.get_full_path(name, filename)
+    if path is None:  # files ComfyUI does not list (e.g. .gguf)
+        for root in folder_roots(name):
+            if os.path.isfile(os.path.join(root, filename)):
+                return os.path.join(root, filename)
+    return path
 
 
 def torch_device() -> str:

@@ -12,7 +12,19 @@ import os
 from . import _comfy
 
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
-OFFLOAD = ["none", "model", "sequential"]
+SPEED = ["exact", "fast"]
+
+
+def _memory_input():
+    from dsd_core.memory.config import PRESETS
+
+    tips = "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
+    return (list(PRESETS), {"default": "full", "tooltip": "Memory preset by GPU size (estimated peak VRAM in the "
+                                                          "README). " + tips})
+
+
+SPEED_INPUT = (SPEED, {"default": "exact", "tooltip": "exact: the reference's numerics; fast: First Block Cache "
+                                                      "(skips work on steps that change little; slightly lossy)."})
 
 
 def _choices(default: str, names: list[str]) -> list[str]:
@@ -45,21 +57,20 @@ class DSDModelLoader:
                       "tooltip": "FLUX.1-dev diffusers folder under models/diffusers (only its VAE, text encoders, "
                                  "tokenizers and scheduler are used)."}),
             "dtype": (DTYPES, {"default": "auto", "tooltip": "auto: bfloat16 on a GPU (as the reference), float32 on CPU."}),
-            "offload": (OFFLOAD, {"default": "none",
-                                  "tooltip": "none: everything on the GPU (~33 GB); model: one part at a time (~24 GB); "
-                                             "sequential: layer by layer (<2 GB, very slow)."}),
+            "memory": _memory_input(),
+            "speed": SPEED_INPUT,
             "download_missing": ("BOOLEAN", {"default": False,
                                              "tooltip": "Download missing models from Hugging Face (~24 GB DSD + ~10 GB "
                                                         "FLUX.1-dev parts) into models/dsd and models/diffusers."}),
         }}
 
-    def load(self, model, base, dtype, offload, download_missing):
+    def load(self, model, base, dtype, memory, speed, download_missing):
         from dsd_core.model_store import LazyPipeline, PipelineSpec
 
         model_dir = _resolve(model, _comfy.DSD_FOLDER, download_missing, "dsd")
         base_dir = _resolve(base, _comfy.BASE_FOLDER, download_missing, "base")
         spec = PipelineSpec(base=base_dir, model=model_dir, dtype=None if dtype == "auto" else dtype,
-                            device=_comfy.torch_device(), offload=offload)
+                            device=_comfy.torch_device(), memory=memory, speed=speed)
         handle = LazyPipeline(spec)
         handle.get()  # load now, so errors and load time show on this node
         return (handle,)
@@ -93,7 +104,8 @@ class DSDFilesLoader:
         "Loads DSD from the single files ComfyUI users already have, with nothing downloaded: the DSD transformer "
         "as one safetensors file in models/diffusion_models (diffusers or original FLUX key layout, bf16 or fp8; e.g. "
         "primecai/dsd_model's transformer/diffusion_pytorch_model.safetensors renamed dsd_transformer.safetensors), "
-        "the DSD LoRA in models/loras, clip_l and t5xxl (fp16 or fp8) in models/text_encoders and ae in models/vae. "
+        "or a GGUF quant of it, the DSD LoRA in models/loras, clip_l and t5xxl (fp16 or fp8) in models/text_encoders "
+        "and ae in models/vae. "
         "Tokenizers come from models/dsd/tokenizers/{clip,t5} if present, else from this ComfyUI's own copies."
     )
     CATEGORY = "DSD/loaders"
@@ -107,24 +119,28 @@ class DSDFilesLoader:
     @classmethod
     def INPUT_TYPES(cls):
         def files(key):
-            return (_choices(cls.DEFAULTS[key], _comfy.filenames(cls.FOLDERS[key])), {"default": cls.DEFAULTS[key]})
+            names = _comfy.filenames(cls.FOLDERS[key])
+            if key == "transformer":  # ComfyUI does not list .gguf files
+                names = sorted(set(names) | set(_comfy.filenames_with_extension(cls.FOLDERS[key], ".gguf")))
+            return (_choices(cls.DEFAULTS[key], names), {"default": cls.DEFAULTS[key]})
 
         return {"required": {
             "transformer": files("transformer"), "lora": files("lora"), "clip_l": files("clip_l"),
             "t5xxl": files("t5xxl"), "vae": files("vae"),
             "dtype": (DTYPES, {"default": "auto", "tooltip": "auto: bfloat16 on a GPU, float32 on CPU; fp8 files are "
                                                              "upcast to it."}),
-            "offload": (OFFLOAD, {"default": "none"}),
+            "memory": _memory_input(),
+            "speed": SPEED_INPUT,
         }}
 
-    def load(self, transformer, lora, clip_l, t5xxl, vae, dtype, offload):
+    def load(self, transformer, lora, clip_l, t5xxl, vae, dtype, memory, speed):
         from dsd_core.model_store import FilesPipelineSpec, LazyPipeline, find_folder
 
         paths = {key: _file(name, self.FOLDERS[key], key) for key, name in
                  dict(transformer=transformer, lora=lora, clip_l=clip_l, t5xxl=t5xxl, vae=vae).items()}
         spec = FilesPipelineSpec(**paths, tokenizers=find_folder("tokenizers", _comfy.folder_roots(_comfy.DSD_FOLDER)),
                                  dtype=None if dtype == "auto" else dtype, device=_comfy.torch_device(),
-                                 offload=offload)
+                                 memory=memory, speed=speed)
         handle = LazyPipeline(spec)
         handle.get()
         return (handle,)

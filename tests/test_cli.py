@@ -184,3 +184,18 @@ def test_generate_from_single_files(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
     res = cli(*args[:-2], "--out", str(tmp_path / "y.png"), "--clip-l", str(m / "vae" / "ae.safetensors"), check=False)
     assert res.returncode == 2 and "error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_memory_table_and_memory_flags(tiny_model, tmp_path):
+    res = cli("memory")
+    for preset in ("full", "24gb", "16gb", "12gb", "8gb", "lowest"):
+        assert f"| {preset} |" in res.stdout
+    cli("generate", "--image", tiny_model["reference"], "--prompt", "a cat", "--base", tiny_model["base"],
+        "--model", tiny_model["model"], "--steps", "2", "--seed", "0", "--height", "256", "--width", "512",
+        "--device", "cpu", "--quiet", "--memory", "16gb", "--fast", "--out", str(tmp_path / "m.png"))
+    meta = json.loads(PIL.Image.open(tmp_path / "m.png").text["dsd"])
+    assert meta["memory"].startswith("16gb: transformer fp8") and meta["fast"] is True
+    res = cli("generate", "--image", tiny_model["reference"], "--prompt", "a cat", "--base", tiny_model["base"],
+              "--model", tiny_model["model"], "--memory", "8gb", "--device", "cpu", "--out", str(tmp_path / "n.png"),
+              check=False)
+    assert res.returncode == 2 and "error:" in res.stderr.splitlines()[-1] and "Traceback" not in res.stderr

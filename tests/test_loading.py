@@ -160,7 +160,7 @@ def test_load_pipeline_parts(fixture_pipe):
     assert isinstance(fixture_pipe.transformer, DSDTransformer2DModel)
     assert "dsd" in fixture_pipe.transformer.peft_config  # LoRA as an unfused PEFT adapter
     assert not any("lora" in n for n, _ in fixture_pipe.text_encoder.named_parameters())
-    with pytest.raises(Exception, match="unknown offload mode"):
+    with pytest.raises(Exception, match="unknown offload .half.; use one of none, model, group, sequential"):
         load_pipeline(os.path.join(FIXTURE, "base"), os.path.join(FIXTURE, "dsd"), offload="half")
     with pytest.raises(Exception, match="unknown dtype"):
         load_pipeline(os.path.join(FIXTURE, "base"), os.path.join(FIXTURE, "dsd"), dtype="int8")

@@ -64,7 +64,7 @@ def comfy_models(tiny_model, tmp_path, monkeypatch):
 
 
 def _load(**kw):
-    args = dict(model=DEFAULT_MODEL_NAME, base=DEFAULT_BASE_NAME, dtype="float32", offload="none",
+    args = dict(model=DEFAULT_MODEL_NAME, base=DEFAULT_BASE_NAME, dtype="float32", memory="full", speed="exact",
                 download_missing=False)
     args.update(kw)
     return nodes.NODE_CLASS_MAPPINGS["DSDModelLoader"]().load(**args)[0]
@@ -200,7 +200,7 @@ def test_files_loader_runs_from_comfyui_single_files(tmp_path, monkeypatch):
     cls = nodes.NODE_CLASS_MAPPINGS["DSDFilesLoader"]
     handle = cls().load(transformer="dsd_transformer.safetensors", lora="dsd_lora.safetensors",
                         clip_l="clip_l.safetensors", t5xxl="t5xxl_fp16.safetensors", vae="ae.safetensors",
-                        dtype="float32", offload="none")[0]
+                        dtype="float32", memory="full", speed="exact")[0]
     image = pil_to_tensor(reference_image(seed=4))
     images, _, _ = _sample(handle, image)
     direct = load_pipeline_from_files(paths["transformer"], paths["clip_l"], paths["t5xxl"], paths["vae"],
@@ -214,7 +214,7 @@ def test_files_loader_runs_from_comfyui_single_files(tmp_path, monkeypatch):
 
     with pytest.raises(ModelNotFoundError, match="vae file missing.safetensors not found"):
         cls().load(transformer="dsd_transformer.safetensors", lora="dsd_lora.safetensors", clip_l="clip_l.safetensors",
-                   t5xxl="t5xxl_fp16.safetensors", vae="missing.safetensors", dtype="float32", offload="none")
+                   t5xxl="t5xxl_fp16.safetensors", vae="missing.safetensors", dtype="float32", memory="full", speed="exact")
 
 
 def test_dropping_the_handle_frees_the_pipeline(comfy_models, caplog):
@@ -230,3 +230,10 @@ def test_dropping_the_handle_frees_the_pipeline(comfy_models, caplog):
         gc.collect()
     assert pipe() is None
     assert "released the DSD model" in caplog.text
+
+
+def test_loader_memory_and_speed_settings_reach_the_pipeline(comfy_models):
+    handle = _load(memory="16gb", speed="fast")
+    pipe = handle.get()
+    assert pipe.memory_config.transformer_weights == "fp8" and pipe.memory_config.preset == "16gb"
+    assert pipe.speed_config.first_block_cache is not None

@@ -18,7 +18,7 @@ import torch
 from single_file_convert import to_comfy_quant_fp8, to_fp8, to_scaled_fp8, transformer_to_bfl, vae_to_bfl, write
 
 from dsd_core import single_file as sf
-from dsd_core.errors import ModelFormatError, ModelNotFoundError
+from dsd_core.errors import DSDError, ModelFormatError, ModelNotFoundError
 from dsd_core.single_file import tokenizers as toks
 from dsd_core.tiny import TRANSFORMER_CONFIG, VAE_CONFIG, build_components
 
@@ -405,3 +405,22 @@ def test_real_comfyui_tokenizers(root):
     assert toks.load_tokenizer("clip", dirs["clip"])("a photo of a cat").input_ids == CLIP_IDS
     if dirs["t5"] is not None:
         assert toks.load_tokenizer("t5", dirs["t5"])("a photo of a cat").input_ids == T5_IDS
+
+
+def test_pipeline_from_a_gguf_transformer_file(tiny, files, tiny_model, tiny_pipe, reference_image, tmp_path):
+    """ComfyUI users' GGUF quants of the DSD transformer load with the other single files (c_embedder included)."""
+    pytest.importorskip("gguf", reason="the gguf package (test extra) is needed for GGUF files")
+    from dsd_core.memory import save_gguf
+
+    bfl = transformer_to_bfl(tiny["dsd_transformer"].state_dict(), prefix="model.diffusion_model.")
+    path = save_gguf(bfl, str(tmp_path / "dsd-Q8_0.gguf"), "Q8_0")  # ComfyUI's GGUF quants use this layout
+    pipe = sf.load_pipeline_from_files(path, files["clip"], files["t5"], files["vae"], lora=tiny_model["lora"],
+                                       dtype="float32", device="cpu", tokenizer_dirs=files["tokenizers"])
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.memory_config.transformer_weights == "gguf"
+    got = pipe(reference_image, **RUN).images
+    want = tiny_pipe(reference_image, **RUN).images
+    assert 0 < (got - want).abs().mean().item() < 0.02
+    with pytest.raises(DSDError, match="GGUF quant; it cannot also be stored as fp8"):
+        sf.load_pipeline_from_files(path, files["clip"], files["t5"], files["vae"], dtype="float32", device="cpu",
+                                    tokenizer_dirs=files["tokenizers"], memory="16gb")

@@ -51,8 +51,8 @@ CONTROL_AFTER_GENERATE = {("DSDSampler", "seed"): "fixed"}
 
 
 def loader(id, pos):
-    return Node(id, "DSDModelLoader", dict(model="dsd_model", base="FLUX.1-dev", dtype="auto", offload="none",
-                                           download_missing=False), pos=pos, size=(340, 180))
+    return Node(id, "DSDModelLoader", dict(model="dsd_model", base="FLUX.1-dev", dtype="auto", memory="full",
+                                           speed="exact", download_missing=False), pos=pos, size=(340, 200))
 
 
 def sampler(id, pos, model, image, prompt="this character playing soccer", seed=0, image_guidance=1.0,
@@ -118,7 +118,7 @@ def comfy_files() -> tuple[list[Node], list[tuple]]:
         Node(1, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, 330), size=(320, 320)),
         Node(2, "DSDFilesLoader", dict(transformer="dsd_transformer.safetensors", lora="dsd_lora.safetensors",
                                        clip_l="clip_l.safetensors", t5xxl="t5xxl_fp16.safetensors",
-                                       vae="ae.safetensors", dtype="auto", offload="none"),
+                                       vae="ae.safetensors", dtype="auto", memory="full", speed="exact"),
              pos=(40, 40), size=(340, 230)),
         sampler(3, (420, 80), model=2, image=1, prompt="this character reading a book in a cozy library", seed=7),
         Node(4, "SaveImage", dict(filename_prefix="dsd_comfy_files"), {"images": (3, 0)}, pos=(840, 80),

@@ -51,7 +51,6 @@ __all__ = [
     "load_tokenizers", "load_vae_file", "make_scheduler", "resolve_tokenizer_dirs", "shipped_config",
 ]
 
-OFFLOAD_MODES = ("none", "model", "sequential")
 _CONFIG_KEYS = ("clip", "t5", "vae")
 
 
@@ -118,42 +117,60 @@ def load_components_from_files(clip_l, t5xxl, vae, *, dtype, tokenizer_dirs=None
 
 def load_pipeline_from_files(transformer, clip_l, t5xxl, vae, lora=None, *, dtype=None, device=None,
                              tokenizer_dirs=None, comfy_root=None, configs=None, transformer_config=None,
-                             offload: str = "none", search_tokenizers: bool = True):
+                             offload: str | None = None, memory=None, speed=None, search_tokenizers: bool = True):
     """A ready :class:`~dsd_core.DSDPipeline` from single files: DSD transformer, CLIP-L, T5-XXL, VAE (+ LoRA).
 
     Args:
-        transformer: the DSD transformer, one safetensors file (:func:`load_dsd_transformer_file`).
+        transformer: the DSD transformer, one safetensors file (:func:`load_dsd_transformer_file`), or a GGUF quant
+            of it (``.gguf``; :func:`dsd_core.memory.load_gguf_transformer`).
         clip_l, t5xxl, vae, tokenizer_dirs, comfy_root, configs: as in :func:`load_components_from_files`.
         lora: the DSD LoRA (``.safetensors``), loaded unfused with ``pipe.load_dsd_lora``; None for none.
         dtype: default bfloat16 on accelerators, float32 on CPU.
         device: default the best available (cuda, mps, cpu).
         transformer_config: overrides of the transformer config derived from its shapes.
-        offload: ``none``, ``model`` or ``sequential`` (as :func:`dsd_core.loading.load_pipeline`).
+        offload, memory, speed: as :func:`dsd_core.loading.load_pipeline`. Weight formats that are chosen at load time
+            from a folder (int8, int4, nf4) are not available here; fp8 storage, LoRA fusing, offload and GGUF files
+            are.
     """
-    from ..loading import default_device, resolve_dtype
-    from ..pipeline import DSDPipeline
+    import os
 
-    if offload not in OFFLOAD_MODES:
-        raise DSDError(f"unknown offload mode {offload!r}; use one of {', '.join(OFFLOAD_MODES)}.")
+    from ..loading import default_device, resolve_dtype
+    from ..memory.apply import apply_memory, check_available
+    from ..memory.config import resolve_memory
+    from ..pipeline import DSDPipeline
+    from ..speed import apply_speed, resolve_speed
+
     device = device or default_device()
     dtype = resolve_dtype(None, device) if dtype is None else as_dtype(dtype)
-    transformer = check_file(transformer, TRANSFORMER_WHAT, TRANSFORMER_HINT)
+    gguf = str(transformer).lower().endswith(".gguf")
+    memory = resolve_memory(memory, offload)
+    if gguf and memory.transformer_weights not in ("native", "gguf"):
+        raise DSDError(f"{transformer} is a GGUF quant; it cannot also be stored as {memory.transformer_weights}. "
+                       "Pick a memory setting with native weights.")
+    if memory.transformer_weights in ("int8", "int4", "nf4"):
+        raise DSDError(f"{memory.transformer_weights} weights are made while loading a transformer folder; with "
+                       "single files use fp8, a GGUF quant, or the folder loader (dsd_core.load_pipeline).")
+    if gguf:
+        memory = memory.replace(transformer_weights="gguf", gguf_file=os.fspath(transformer))
+    speed = resolve_speed(speed)
+    check_available(memory, device)
+    if not gguf:
+        transformer = check_file(transformer, TRANSFORMER_WHAT, TRANSFORMER_HINT)
     if lora is not None:
         lora = check_file(lora, "DSD LoRA", "the DSD LoRA (pytorch_lora_weights.safetensors)")
     components = load_components_from_files(clip_l, t5xxl, vae, dtype=dtype, tokenizer_dirs=tokenizer_dirs,
                                             comfy_root=comfy_root, configs=configs,
                                             search_tokenizers=search_tokenizers)
-    dit = load_dsd_transformer_file(transformer, dtype=dtype, config=transformer_config)
+    if gguf:
+        from ..memory.gguf import load_gguf_transformer
+
+        dit = load_gguf_transformer(memory.gguf_file, dtype=dtype, config=transformer_config)
+    else:
+        dit = load_dsd_transformer_file(transformer, dtype=dtype, config=transformer_config)
     _check_fit(dit, components, transformer, clip_l, t5xxl)
     pipe = DSDPipeline(transformer=dit, **components)
     if lora is not None:
         pipe.load_dsd_lora(lora)
-    if offload == "none":
-        pipe.to(device)
-    elif str(device).startswith("cpu"):
-        logger.warning("offload=%r has no effect on the CPU; running without offload.", offload)
-    elif offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.enable_sequential_cpu_offload(device=device)
+    apply_memory(pipe, memory, device)
+    apply_speed(pipe, speed)
     return pipe

@@ -196,7 +196,7 @@ def test_prompt_enhancer_key_never_leaks(engine, comfy):
 def test_free_memory_releases_the_model(engine, comfy):
     """ComfyUI's "free model and node cache" (POST /free) drops the cached DSD model."""
     prompt = unique(api_workflows()["dsd_basic.api.json"])
-    prompt["2"]["inputs"]["offload"] = "model"  # a loader input no other test uses: a fresh handle
+    prompt["2"]["inputs"]["memory"] = "24gb"  # a loader input no other test uses: a fresh handle
     prompt["3"]["inputs"].update(steps=1, panel_size=256)
     assert_success(comfy.run(prompt, timeout=300))
     released = engine.log_text().count("released the DSD model")
