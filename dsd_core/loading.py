@@ -121,8 +121,14 @@ def resolve_model(model: str | None = DEFAULT_MODEL, transformer: str | None = N
     transformer = os.path.expanduser(os.fspath(transformer))
     if not os.path.isdir(transformer):
         raise ModelNotFoundError(f"DSD transformer folder {transformer} does not exist; pass the transformer/ folder.")
+    return transformer, resolve_lora(lora, folder)
+
+
+def resolve_lora(lora: str | bool | None, folder: str | None) -> str | None:
+    """The LoRA file: ``False`` none, ``None``/``True`` the one in the model ``folder``, else the given file (or a
+    folder holding ``pytorch_lora_weights.safetensors``). Only safetensors are accepted."""
     if lora is False:
-        return transformer, None
+        return None
     if lora is None or lora is True:
         if folder is None:
             raise ModelNotFoundError(f"no DSD LoRA given; pass lora= (a {LORA_FILENAME} file) or model=.")
@@ -138,7 +144,7 @@ def resolve_model(model: str | None = DEFAULT_MODEL, transformer: str | None = N
         raise ModelNotFoundError(f"LoRA file {lora} does not exist; pass the path of {LORA_FILENAME}.")
     if not lora.endswith(".safetensors"):
         raise ModelFormatError(f"{lora} is not a .safetensors file; only safetensors are loaded (never pickle).")
-    return transformer, lora
+    return lora
 
 
 def default_device() -> str:

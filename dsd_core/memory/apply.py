@@ -268,8 +268,7 @@ def resolve_gguf_parts(model, transformer, lora, token=None, local_files_only: b
     """
     import os
 
-    from ..errors import ModelFormatError, ModelNotFoundError
-    from ..loading import LORA_FILENAME, TRANSFORMER_DIR, _looks_like_repo_id, download
+    from ..loading import LORA_FILENAME, TRANSFORMER_DIR, _looks_like_repo_id, download, resolve_lora
 
     folder = None
     if model is not None and (lora is None or lora is True or transformer is None):
@@ -281,17 +280,4 @@ def resolve_gguf_parts(model, transformer, lora, token=None, local_files_only: b
         config_dir = os.path.join(folder, TRANSFORMER_DIR)
     if config_dir is not None and not os.path.isfile(os.path.join(os.fspath(config_dir), "config.json")):
         config_dir = None
-    if lora is False:
-        return config_dir, None
-    if lora is None or lora is True:
-        if folder is None:
-            raise ModelNotFoundError(f"no DSD LoRA given; pass lora= (a {LORA_FILENAME} file) or model=.")
-        lora = os.path.join(folder, LORA_FILENAME)
-    lora = os.path.expanduser(os.fspath(lora))
-    if os.path.isdir(lora):
-        lora = os.path.join(lora, LORA_FILENAME)
-    if not os.path.isfile(lora):
-        raise ModelNotFoundError(f"LoRA file {lora} does not exist; pass the path of {LORA_FILENAME}.")
-    if not lora.endswith(".safetensors"):
-        raise ModelFormatError(f"{lora} is not a .safetensors file; only safetensors are loaded (never pickle).")
-    return config_dir, lora
+    return config_dir, resolve_lora(lora, folder)
