@@ -83,6 +83,19 @@ def torch_device() -> str:
     return str(mm.get_torch_device())
 
 
+def make_room(device: str) -> None:
+    """Unload ComfyUI's own models from the GPU before DSD uses it: ComfyUI's memory manager does not know DSD's
+    diffusers pipeline, so it would not make room by itself. Nothing to do on the CPU."""
+    if not str(device).startswith("cuda"):
+        return
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+
 def check_interrupt() -> None:
     """Raise ComfyUI's interrupt exception if the user pressed Cancel."""
     try:

@@ -72,6 +72,7 @@ class DSDModelLoader:
         spec = PipelineSpec(base=base_dir, model=model_dir, dtype=None if dtype == "auto" else dtype,
                             device=_comfy.torch_device(), memory=memory, speed=speed)
         handle = LazyPipeline(spec)
+        _comfy.make_room(spec.device)
         handle.get()  # load now, so errors and load time show on this node
         return (handle,)
 
@@ -142,6 +143,7 @@ class DSDFilesLoader:
                                  dtype=None if dtype == "auto" else dtype, device=_comfy.torch_device(),
                                  memory=memory, speed=speed)
         handle = LazyPipeline(spec)
+        _comfy.make_room(spec.device)
         handle.get()
         return (handle,)
 

@@ -65,6 +65,7 @@ class DSDSampler:
         if image.shape[0] > 1:
             logger.warning("DSD Sampler got %d reference images; using the first.", image.shape[0])
         reference = prepare_reference(tensor_to_pil(image[:1])[0], panel_size, panel_size, mode=fit)
+        _comfy.make_room(dsd_model.spec.device)
         pipe = dsd_model.get()
         height, width = panel_size, 2 * panel_size
         bar = _comfy.progress_bar(steps)

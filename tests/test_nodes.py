@@ -237,3 +237,19 @@ def test_loader_memory_and_speed_settings_reach_the_pipeline(comfy_models):
     pipe = handle.get()
     assert pipe.memory_config.transformer_weights == "fp8" and pipe.memory_config.preset == "16gb"
     assert pipe.speed_config.first_block_cache is not None
+
+
+def test_make_room_unloads_comfyui_models_only_for_the_gpu(monkeypatch):
+    import types
+
+    calls = []
+    mm = types.SimpleNamespace(unload_all_models=lambda: calls.append("unload"),
+                               soft_empty_cache=lambda: calls.append("empty"))
+    comfy = types.ModuleType("comfy")
+    comfy.model_management = mm
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    _comfy.make_room("cpu")
+    assert calls == []
+    _comfy.make_room("cuda:0")
+    assert calls == ["unload", "empty"]
