@@ -18,7 +18,7 @@ logger = logging.getLogger("dsd_core")
 def _add_generate(sub) -> None:
     from .canvas import TRAINED_PANEL
     from .image import FIT_MODES, RESAMPLE_FILTERS
-    from .loading import DEFAULT_BASE, DEFAULT_MODEL, DTYPES, OFFLOAD_MODES
+    from .loading import DEFAULT_BASE, DEFAULT_MODEL, DTYPES
 
     p = sub.add_parser("generate", help="generate images of the reference's subject",
                        description="Generate an image of the reference's subject doing what the prompt says. "
@@ -44,7 +44,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--lora-scale", type=float, default=None, help="LoRA multiplier (default 1.0, the reference)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU (the reference), float32 on CPU")
     g.add_argument("--device", choices=["cuda", "cpu", "mps"], help="default: cuda if available, else mps, else cpu")
-    from .memory.config import PRESETS, TEXT_ENCODER_WEIGHTS, TRANSFORMER_WEIGHTS
+    from .memory.config import OFFLOAD_MODES, PRESETS, TEXT_ENCODER_WEIGHTS, TRANSFORMER_WEIGHTS
+    from .speed import COMPILE_MODES
 
     m = p.add_argument_group("memory and speed (see `python -m dsd_core memory` for the estimates)")
     m.add_argument("--memory", choices=list(PRESETS), default=None,
@@ -62,7 +63,7 @@ def _add_generate(sub) -> None:
     m.add_argument("--release-text-encoders", action="store_true", default=None,
                    help="free the text encoders once the prompt is encoded")
     m.add_argument("--fast", action="store_true", help="fast mode: First Block Cache (lossy, see the README)")
-    m.add_argument("--compile", choices=["off", "regional", "full"], default="off", help="torch.compile the transformer")
+    m.add_argument("--compile", choices=COMPILE_MODES, default="off", help="torch.compile the transformer")
     m.add_argument("--attention-backend", default=None, help="a diffusers attention backend (default: torch SDPA)")
     g.add_argument("--offline", action="store_true", help="never download (also: HF_HUB_OFFLINE=1)")
     s = p.add_argument_group("sampling")
@@ -168,15 +169,26 @@ def run_generate(args) -> int:
     import torch
 
     from . import __version__
+    from .canvas import check_canvas_size
     from .image import load_image, prepare_reference
     from .loading import load_pipeline
-
-    from .canvas import check_canvas_size
 
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     check_canvas_size(args.height, args.width)
-    reference = load_image(args.image)
+    reference = prepare_reference(load_image(args.image), args.height, args.width // 2, mode=args.fit,
+                                  resample=args.resample)
+    prompt = args.prompt
+    if args.enhance_prompt:  # before loading DSD, so a local VLM never shares memory with it
+        from .prompt import enhance_prompt
+
+        result = enhance_prompt(reference, prompt, backend=args.enhance_prompt, model=args.enhance_model,
+                                local_model_path=args.local_vlm)
+        if result.enhanced:
+            print(f"enhanced prompt ({result.backend}{', cached' if result.cached else ''}): {result.prompt}")
+            prompt = result.prompt
+        else:
+            print(f"prompt not enhanced: {result.warning}", file=sys.stderr)
     t0 = time.perf_counter()
     files = [args.transformer_file, args.clip_l, args.t5xxl, args.vae_file]
     if any(files):
@@ -194,18 +206,6 @@ def run_generate(args) -> int:
                              speed=speed_config(args))
     pipe.set_progress_bar_config(disable=args.quiet)
     load_s = time.perf_counter() - t0
-    reference = prepare_reference(reference, args.height, args.width // 2, mode=args.fit, resample=args.resample)
-    prompt = args.prompt
-    if args.enhance_prompt:
-        from .prompt import enhance_prompt
-
-        result = enhance_prompt(reference, prompt, backend=args.enhance_prompt, model=args.enhance_model,
-                                local_model_path=args.local_vlm)
-        if result.enhanced:
-            print(f"enhanced prompt ({result.backend}{', cached' if result.cached else ''}): {result.prompt}")
-            prompt = result.prompt
-        else:
-            print(f"prompt not enhanced: {result.warning}", file=sys.stderr)
     t0 = time.perf_counter()
     out = pipe(reference, prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                guidance_scale=args.guidance, image_guidance_scale=args.image_guidance,
@@ -214,7 +214,8 @@ def run_generate(args) -> int:
                lora_scale=args.lora_scale, batch_true_guidance=args.batch_true_guidance)
     gen_s = time.perf_counter() - t0
     settings = {
-        "prompt": out.prompt, "user_prompt": args.prompt, "enhance_prompt": args.enhance_prompt, "steps": args.steps, "guidance": args.guidance, "image_guidance": args.image_guidance,
+        "prompt": out.prompt, "user_prompt": args.prompt, "enhance_prompt": args.enhance_prompt,
+        "steps": args.steps, "guidance": args.guidance, "image_guidance": args.image_guidance,
         "text_guidance": args.text_guidance, "true_guidance_start": args.true_guidance_start,
         "height": args.height, "width": args.width, "condition_sampling": args.condition_sampling,
         "fit": args.fit, "resample": args.resample, "lora_scale": args.lora_scale, "no_lora": args.no_lora,

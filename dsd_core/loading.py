@@ -20,7 +20,6 @@ import os
 import torch
 
 from .errors import DSDError, ModelFormatError, ModelNotFoundError
-from .memory.config import OFFLOAD_MODES  # noqa: F401  (re-exported for the CLI and nodes)
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +201,6 @@ def load_pipeline(
     from .memory.apply import apply_memory, check_available, load_transformer, resolve_gguf_parts
     from .memory.config import resolve_memory
     from .pipeline import DSDPipeline
-
     from .speed import apply_speed, resolve_speed
 
     memory = resolve_memory(memory, offload)

@@ -57,16 +57,14 @@ def filenames_with_extension(name: str, extension: str) -> list[str]:
 
 
 def full_path(name: str, filename: str) -> str | None:
-    """The full path of a listed model file, or None (``get_full_path_or_raise`` is missing in older ComfyUI)."""
+    """The full path of a model file, or None (``get_full_path_or_raise`` is missing in older ComfyUI)."""
     try:
         import folder_paths
+
+        path = folder_paths.get_full_path(name, filename)
     except ImportError:
-        for root in folder_roots(name):
-            if os.path.isfile(os.path.join(root, filename)):
-                return os.path.join(root, filename)
-        return None
-    path = folder_paths.get_full_path(name, filename)
-    if path is None:  # files ComfyUI does not list (e.g. .gguf)
+        path = None
+    if path is None:  # outside ComfyUI, or a file ComfyUI does not list (e.g. .gguf)
         for root in folder_roots(name):
             if os.path.isfile(os.path.join(root, filename)):
                 return os.path.join(root, filename)
