@@ -151,8 +151,8 @@ def save_lora(path: str, lora: dict, adapter_config: dict) -> None:
     from safetensors.torch import save_file
 
     meta = json.dumps({f"transformer.{k}": v for k, v in adapter_config.items()}, indent=2, sort_keys=True)
-    save_file({f"transformer.{k}": v for k, v in lora.items()}, path,
-              metadata={"format": "pt", "lora_adapter_metadata": meta})
+    # one metadata key only: safetensors writes the metadata map in hash order, so two keys can swap between runs
+    save_file({f"transformer.{k}": v for k, v in lora.items()}, path, metadata={"lora_adapter_metadata": meta})
 
 
 def reference_image(width: int = 640, height: int = 480, seed: int = 0) -> PIL.Image.Image:
