@@ -58,6 +58,30 @@ socket.socket.connect = _guarded_connect
 socket.socket.connect_ex = _guarded_connect_ex
 
 
+class _RepoRootIsNotATestPackage:
+    """Collect the repository root as a plain directory, not as a Python test package.
+
+    The root holds ComfyUI's entry point ``__init__.py`` (ComfyUI imports the folder as a package), so pytest >= 8
+    collects the root as a ``Package`` and imports that ``__init__.py`` before the first test (looking for
+    ``setup_module``), under a module name made from the folder's name. README's ``git clone`` makes the folder
+    ``ComfyUI-SelfDistill``: the hyphen is not a valid module name, so pytest imports the file as a top-level module
+    ``__init__`` and its relative import fails, erroring every test. Nothing at the root is a test, so it is
+    collected as a ``pytest.Dir``, which imports nothing; ``tests/`` and below are collected as before.
+    """
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if os.path.samefile(path, ROOT):
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    # A plugin, not a hook of this conftest: conftest hooks only apply below tests/, the root is collected first.
+    if not config.pluginmanager.has_plugin("dsd-repo-root-not-a-package"):
+        config.pluginmanager.register(_RepoRootIsNotATestPackage(), "dsd-repo-root-not-a-package")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads():
     import torch
