@@ -23,6 +23,8 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from .files import apply_umask, save_safetensors
+
 # Sizes follow the constraints of FLUX: sum(axes_dims_rope) == attention_head_dim, joint_attention_dim == T5 d_model,
 # pooled_projection_dim == CLIP hidden size, four VAE blocks so the VAE scale factor is 8.
 TRANSFORMER_CONFIG = dict(
@@ -148,11 +150,9 @@ def lora_state_dict(transformer, rank: int = 4, seed: int = 0) -> tuple[dict, di
 
 def save_lora(path: str, lora: dict, adapter_config: dict) -> None:
     """Write a LoRA as diffusers does (``transformer.``-prefixed keys, adapter config in the header), deterministically."""
-    from safetensors.torch import save_file
-
     meta = json.dumps({f"transformer.{k}": v for k, v in adapter_config.items()}, indent=2, sort_keys=True)
     # one metadata key only: safetensors writes the metadata map in hash order, so two keys can swap between runs
-    save_file({f"transformer.{k}": v for k, v in lora.items()}, path, metadata={"lora_adapter_metadata": meta})
+    save_safetensors({f"transformer.{k}": v for k, v in lora.items()}, path, metadata={"lora_adapter_metadata": meta})
 
 
 def reference_image(width: int = 640, height: int = 480, seed: int = 0) -> PIL.Image.Image:
@@ -188,8 +188,6 @@ def write_tiny_comfy_files(models_dir: str, seed: int = 0) -> dict[str, str]:
     (diffusers layout), the LoRA, ``clip_l`` and ``t5xxl_fp16`` (Hugging Face keys), the VAE (diffusers layout), and
     the tiny tokenizers in ``dsd/tokenizers/{clip,t5}`` (real ComfyUI installs have the real ones built in).
     """
-    from safetensors.torch import save_file
-
     c = build_components(seed)
     lora, lora_meta = lora_state_dict(c["dsd_transformer"], seed=seed + 6)
     paths = {k: os.path.join(models_dir, v) for k, v in COMFY_FILES.items()}
@@ -203,7 +201,7 @@ def write_tiny_comfy_files(models_dir: str, seed: int = 0) -> dict[str, str]:
         "vae": c["vae"].state_dict(),
     }
     for key, state in files.items():
-        save_file({k: v.contiguous() for k, v in state.items()}, paths[key], metadata={"format": "pt"})
+        save_safetensors({k: v.contiguous() for k, v in state.items()}, paths[key], metadata={"format": "pt"})
     save_lora(paths["lora"], lora, lora_meta)
     c["tokenizer"].save_pretrained(os.path.join(paths["tokenizers"], "clip"))
     c["tokenizer_2"].save_pretrained(os.path.join(paths["tokenizers"], "t5"))
@@ -237,6 +235,7 @@ def write_tiny_model(out_dir: str, seed: int = 0) -> dict[str, str]:
         with open(os.path.join(tmp, "README.txt"), "w", encoding="utf-8") as f:
             f.write("Tiny DSD model set with RANDOM weights, for tests and demos: its images are noise.\n"
                     "Made by `python -m dsd_core tiny-model`.\n" + json.dumps({"seed": seed}) + "\n")
+        apply_umask(tmp)  # TemporaryDirectory is 0700 and safetensors files 0600: give them the user's umask
         if os.path.exists(out_dir):
             os.rmdir(out_dir)
         os.replace(tmp, out_dir)

@@ -18,13 +18,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
 from PIL import Image
 
+from ..files import atomic_open
 from .base import INSTRUCTIONS_VERSION
 
 logger = logging.getLogger(__name__)
@@ -97,22 +97,11 @@ class PromptCache:
     def put(self, key: str, record: dict) -> None:
         """Store ``record`` (a JSON-serialisable dict) for ``key``."""
         self._remember(key, record)
-        tmp = None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.directory)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with atomic_open(str(self._path(key)), "w", encoding="utf-8") as f:
                 json.dump(record, f, ensure_ascii=False, indent=1)
-            os.replace(tmp, self._path(key))
-            tmp = None
         except OSError as exc:
             logger.debug("Could not write prompt cache in %s (%s)", self.directory, type(exc).__name__)
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
 
     def _memory_key(self, key: str) -> str:
         return f"{self.directory}|{key}"
