@@ -1,6 +1,9 @@
 """Shipped workflows: generated from one source, valid against the nodes, and UI == API."""
 
 import copy
+import glob
+import io
+import itertools
 import os
 import subprocess
 import sys
@@ -32,7 +35,7 @@ def test_workflows_are_generated_from_their_source():
     res = subprocess.run([sys.executable, os.path.join(ROOT, "workflows", "make_workflows.py"), "--check"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert set(n[:-5] for n in ui_workflows()) == set(n[:-9] for n in api_workflows())
+    assert set(ui_workflows()) == set(api_workflows())
     assert {"dsd_basic.json", "dsd_true_guidance.json"} <= set(ui_workflows())
 
 
@@ -46,7 +49,7 @@ def test_ui_workflow_is_valid(name, object_info):
 @pytest.mark.parametrize("name", sorted(ui_workflows()))
 def test_ui_and_api_formats_agree(name, object_info):
     ui = ui_workflows()[name]
-    api = api_workflows()[name.replace(".json", ".api.json")]
+    api = api_workflows()[name]
     strip = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
     assert ui_to_api(ui, object_info) == strip
 
@@ -66,3 +69,109 @@ def test_checker_catches_mistakes(object_info):
     assert broken(lambda ui, n: n["widgets_values"].__setitem__(2, "sometimes"))  # bad control-after-generate
     assert broken(lambda ui, n: n.__setitem__("type", "DSDNoSuchNode"))
     assert broken(lambda ui, n: ui["links"].pop())  # a dangling link
+
+
+# ------------------------------------------------------------------ ComfyUI's face: Templates browser, thumbnails, notes
+sys.path.insert(0, os.path.join(ROOT, "workflows"))
+import make_workflows as mw  # noqa: E402
+
+
+def test_templates_folder_holds_only_ui_workflows_with_thumbnails():
+    """ComfyUI lists custom_nodes/<pack>/workflows/*.json as templates and shows <name>.jpg as the thumbnail."""
+    from PIL import Image
+
+    listed = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+    assert listed == sorted(f"{g}.json" for g in mw.GRAPHS)
+    for name in listed:
+        ui = ui_workflows()[name]
+        assert {"nodes", "links"} <= set(ui), f"{name} is not a UI workflow"
+        with Image.open(os.path.join(ROOT, "workflows", name[:-5] + ".jpg")) as im:
+            assert (im.format, im.size) == ("JPEG", (mw.THUMBNAIL_SIZE, mw.THUMBNAIL_SIZE))
+    assert not glob.glob(os.path.join(ROOT, "workflows", "*", "*.jpg"))
+
+
+def test_thumbnail_is_drawn_from_the_graph_deterministically():
+    nodes, notes = mw.basic()
+    ui = mw.to_ui(nodes, notes)
+    a, b = mw.encode_jpeg(mw.render_thumbnail(ui)), mw.encode_jpeg(mw.render_thumbnail(copy.deepcopy(ui)))
+    assert a == b
+    moved = copy.deepcopy(ui)
+    next(n for n in moved["nodes"] if n["type"] == "DSDSampler")["pos"][1] += 150
+    assert not mw.same_picture(a, mw.encode_jpeg(mw.render_thumbnail(moved)))
+    renamed = copy.deepcopy(ui)
+    next(n for n in renamed["nodes"] if n["type"] == "DSDSampler")["title"] = "DSD Samplers"  # one letter more
+    assert not mw.same_picture(a, mw.encode_jpeg(mw.render_thumbnail(renamed)))
+    # another JPEG encoder's rounding is tolerated: the same picture at another quality still counts as the same
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(a)).save(buf, format="JPEG", quality=85)
+    assert mw.same_picture(a, buf.getvalue())
+
+
+def test_check_reports_stale_and_stray_files(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    shutil.copytree(os.path.join(ROOT, "workflows"), tmp_path / "workflows")
+    monkeypatch.setattr(mw, "HERE", str(tmp_path / "workflows"))
+    assert mw.main(["--check"]) == 0
+    (tmp_path / "workflows" / "dsd_basic.jpg").write_bytes(mw.encode_jpeg(mw.render_thumbnail(
+        mw.to_ui(*mw.comfy_files()))))
+    (tmp_path / "workflows" / "old.api.json").write_text("{}")
+    assert mw.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "dsd_basic.jpg" in err and "old.api.json" in err
+    assert mw.main([]) == 0 and mw.main(["--check"]) == 0
+    assert not (tmp_path / "workflows" / "old.api.json").exists()
+
+
+def _rects(ui):
+    """(id, type, x0, y0, x1, y1) of every node including its title bar, in canvas units."""
+    return [(n["id"], n["type"], n["pos"][0], n["pos"][1] - mw.TITLE_HEIGHT, n["pos"][0] + n["size"][0],
+             n["pos"][1] + n["size"][1]) for n in ui["nodes"]]
+
+
+@pytest.mark.parametrize("name", sorted(ui_workflows()))
+def test_notes_are_readable_in_the_first_view_and_nothing_overlaps(name):
+    ui = ui_workflows()[name]
+    rects = _rects(ui)
+    for a, b in itertools.combinations(rects, 2):
+        overlap = min(a[4], b[4]) > max(a[2], b[2]) and min(a[5], b[5]) > max(a[3], b[3])
+        assert not overlap, f"{name}: {a[1]} #{a[0]} and {b[1]} #{b[0]} overlap"
+    notes = [r for r in rects if r[1] == "Note"]
+    assert notes
+    ds = ui["extra"]["ds"]
+    width, height = mw.FIRST_VIEW
+    for scale, (ox, oy) in ((1.0, (0, 0)), (ds["scale"], ds["offset"])):  # frontends that ignore / apply extra.ds
+        for _, _, x0, y0, x1, y1 in notes:
+            assert 0 <= (x0 + ox) * scale and (x1 + ox) * scale <= width, f"{name}: a note is outside the first view"
+            assert 0 <= (y0 + oy) * scale and (y1 + oy) * scale <= height, f"{name}: a note is outside the first view"
+    for n in ui["nodes"]:
+        if n["type"] == "Note":
+            need = mw.note_lines(n["widgets_values"][0], n["size"][0]) * mw.NOTE_LINE_H + mw.NOTE_PAD
+            assert n["size"][1] >= need, f"{name}: note text needs {need} px, the note is {n['size'][1]}"
+
+
+@pytest.mark.parametrize("name", sorted(ui_workflows()))
+def test_nodes_are_tall_enough_for_their_widgets(name, object_info):
+    """LiteGraph grows a node that is too small for its slots and widgets, which would push it over its neighbours."""
+    for n in ui_workflows()[name]["nodes"]:
+        if n["type"] == "Note":
+            continue
+        info = object_info[n["type"]]
+        spec = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        multiline = sum(1 for v in spec.values() if len(v) > 1 and isinstance(v[1], dict) and v[1].get("multiline"))
+        need = 20 * max(len(n["inputs"]), len(n["outputs"])) + 24 * len(n["widgets_values"]) + 60 * multiline + 8
+        if n["type"] in ("LoadImage", "PreviewImage", "SaveImage"):
+            need += 200  # the image preview
+        assert n["size"][1] >= need, f"{name}: {n['type']} is {n['size'][1]} px tall, needs ~{need}"
+
+
+def test_note_line_estimate():
+    per_line = (200 - mw.NOTE_PAD) // mw.NOTE_CHAR_W  # 20 characters
+    assert per_line == 20
+    assert mw.note_lines("a b", 200) == 1
+    assert mw.note_lines("a\n\nb", 200) == 3
+    assert mw.note_lines(" ".join(["word"] * 100), 200) == 25  # 4 words (19 characters) a line
+    assert mw.note_lines("x" * 60, 200) == 3
+    assert mw.note_lines("x" * 61, 200) == 4

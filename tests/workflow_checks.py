@@ -15,14 +15,22 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 WORKFLOWS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
 
 
+API_DIR = os.path.join(WORKFLOWS_DIR, "api")
+
+
+def _load_all(folder: str) -> dict[str, dict]:
+    return {n: json.load(open(os.path.join(folder, n), encoding="utf-8"))
+            for n in sorted(os.listdir(folder)) if n.endswith(".json")}
+
+
 def ui_workflows() -> dict[str, dict]:
-    return {n: json.load(open(os.path.join(WORKFLOWS_DIR, n), encoding="utf-8"))
-            for n in sorted(os.listdir(WORKFLOWS_DIR)) if n.endswith(".json") and not n.endswith(".api.json")}
+    """workflows/<name>.json by file name (what ComfyUI's Templates browser lists)."""
+    return _load_all(WORKFLOWS_DIR)
 
 
 def api_workflows() -> dict[str, dict]:
-    return {n: json.load(open(os.path.join(WORKFLOWS_DIR, n), encoding="utf-8"))
-            for n in sorted(os.listdir(WORKFLOWS_DIR)) if n.endswith(".api.json")}
+    """workflows/api/<name>.json by file name (the same names as the UI files)."""
+    return _load_all(API_DIR)
 
 
 def object_info_from_classes(mappings: dict) -> dict:

@@ -1,24 +1,44 @@
 """The one source of the shipped workflows: writes each graph in ComfyUI's UI format and in the API format.
 
-    python workflows/make_workflows.py          # rewrite workflows/*.json
+    python workflows/make_workflows.py          # rewrite the generated files
     python workflows/make_workflows.py --check  # exit 1 if a committed file differs (tests run this)
 
-UI files (``<name>.json``) are what users drag onto ComfyUI: nodes with widget values, links, and notes on the
-canvas explaining the knobs. API files (``<name>.api.json``) are what headless clients POST to ``/prompt``.
-Both come from the same ``Graph`` below, so they cannot drift. The graphs name the standard model folders
-``models/dsd/dsd_model`` and ``models/diffusers/FLUX.1-dev`` and the input image ``dsd_reference.png``.
+For each graph ``<name>`` in ``GRAPHS``:
+
+* ``workflows/<name>.json`` - the UI workflow users drag onto ComfyUI (nodes with widget values, links, notes on the
+  canvas explaining the knobs). ComfyUI lists every ``custom_nodes/<pack>/workflows/*.json`` in its Templates browser,
+  so only UI workflows live at this level;
+* ``workflows/<name>.jpg`` - its thumbnail in the Templates browser (the frontend asks for ``<name>.jpg``), drawn
+  from the graph itself by ``render_thumbnail`` (node boxes with titles, links, notes), so every graph gets one;
+* ``workflows/api/<name>.json`` - the API workflow headless clients POST to ``/prompt`` (not listed by the browser).
+
+All three come from the same ``Graph``, so they cannot drift; any other ``.json``/``.jpg`` in ``workflows/`` is
+removed (``--check`` reports it). The graphs name the standard model folders ``models/dsd/dsd_model`` and
+``models/diffusers/FLUX.1-dev`` and the input image ``dsd_reference.png``. Notes sit in a row above the nodes, inside
+the first view (``FIRST_VIEW``); tests/test_workflows.py checks nothing overlaps.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+API_DIR = "api"
 REFERENCE_IMAGE = "dsd_reference.png"
+#: LiteGraph draws a node's title bar above its ``pos``; a Note is a node too.
+TITLE_HEIGHT = 30
+#: the screen area (CSS px) a workflow must show its notes in when it opens, with or without ``extra.ds`` applied
+FIRST_VIEW = (1280, 720)
+VIEW = {"scale": 0.8, "offset": [0, 0]}
+THUMBNAIL_SIZE = 512
 
 
 @dataclass
@@ -64,75 +84,113 @@ def sampler(id, pos, model, image, prompt="this character playing soccer", seed=
     return Node(id, "DSDSampler", widgets, inputs, pos=pos, size=(380, 420))
 
 
+#: Note text metrics (ComfyUI's Note textarea, conservatively): character width and line height in canvas px.
+NOTE_CHAR_W, NOTE_LINE_H, NOTE_PAD = 8, 20, 40
+
+
+def note_lines(text: str, width: int) -> int:
+    """How many lines ``text`` wraps to in a Note ``width`` px wide (word wrap, conservative metrics)."""
+    per_line = max(1, (width - NOTE_PAD) // NOTE_CHAR_W)
+    lines = 0
+    for para in text.split("\n"):
+        n, col = 1, 0
+        for word in para.split():
+            if col == 0:
+                col = len(word)
+            elif col + 1 + len(word) <= per_line:
+                col += 1 + len(word)
+            else:
+                n, col = n + 1, len(word)
+            while col > per_line:  # a word longer than the line breaks anywhere
+                n, col = n + 1, col - per_line
+        lines += n
+    return lines
+
+
+def notes_row(*notes: tuple[int, str], top: int = 40, left: int = 40, gap: int = 40) -> list[tuple]:
+    """Notes ``(width, text)`` side by side from (left, top), each tall enough for its text: [(pos, size, text)]."""
+    out, x = [], left
+    for width, text in notes:
+        out.append(((x, top), (width, note_lines(text, width) * NOTE_LINE_H + NOTE_PAD), text))
+        x += width + gap
+    return out
+
+
+def below(notes: list[tuple], gap: int = 40) -> int:
+    """The ``pos`` y of a node row whose title bars start ``gap`` px under the notes."""
+    return max(pos[1] + size[1] for pos, size, _ in notes) + gap + TITLE_HEIGHT
+
+
 def basic() -> tuple[list[Node], list[tuple]]:
+    notes = notes_row(
+        (560, "DSD basic generation\n\n"
+              "1. Put primecai/dsd_model into models/dsd/dsd_model (transformer/ + pytorch_lora_weights.safetensors) "
+              "and a diffusers FLUX.1-dev folder into models/diffusers/FLUX.1-dev, or switch download_missing on.\n"
+              "2. Load your reference image (any size; it is center-cropped to a square).\n"
+              "3. Describe what the subject should do: 'this character playing soccer', 'this logo on a T-shirt'.\n\n"
+              "Defaults are the official DSD settings: 28 steps, guidance 3.5, 512 px panels."),
+        (440, "Knobs\n\nguidance: FLUX distilled guidance (3.5). Raise it if the subject drifts.\n"
+              "seed: same seed, same image. batch_size: seeds seed, seed+1, ...\n"
+              "panel_size: 512 is what DSD was trained at; above 768 it distorts.\n"
+              "For stronger identity, see the true-guidance workflow."),
+    )
+    y = below(notes)
     nodes = [
-        Node(1, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, 330), size=(320, 320)),
-        loader(2, (40, 80)),
-        sampler(3, (420, 80), model=2, image=1),
-        Node(4, "SaveImage", dict(filename_prefix="dsd_basic"), {"images": (3, 0)}, pos=(840, 80), size=(400, 440)),
-        Node(5, "PreviewImage", {}, {"images": (3, 1)}, pos=(840, 560), size=(300, 300),
+        Node(1, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, y + 260), size=(320, 320)),
+        loader(2, (40, y)),
+        sampler(3, (420, y), model=2, image=1),
+        Node(4, "SaveImage", dict(filename_prefix="dsd_basic"), {"images": (3, 0)}, pos=(840, y), size=(400, 440)),
+        Node(5, "PreviewImage", {}, {"images": (3, 1)}, pos=(840, y + 500), size=(300, 300),
              title="Reference reconstruction"),
-    ]
-    notes = [
-        ((40, -160), (560, 210),
-         "DSD basic generation\n\n"
-         "1. Put primecai/dsd_model into models/dsd/dsd_model (transformer/ + pytorch_lora_weights.safetensors) and a "
-         "diffusers FLUX.1-dev folder into models/diffusers/FLUX.1-dev, or switch download_missing on.\n"
-         "2. Load your reference image (any size; it is center-cropped to a square).\n"
-         "3. Describe what the subject should do: 'this character playing soccer', 'this logo on a T-shirt'.\n\n"
-         "Defaults are the official DSD settings: 28 steps, guidance 3.5, 512 px panels."),
-        ((420, -160), (380, 210),
-         "Knobs\n\nguidance: FLUX distilled guidance (3.5). Raise it if the subject drifts.\n"
-         "seed: same seed, same image. batch_size: seeds seed, seed+1, ...\n"
-         "panel_size: 512 is what DSD was trained at; above 768 it distorts.\n"
-         "For stronger identity, see the true-guidance workflow."),
     ]
     return nodes, notes
 
 
 def true_guidance() -> tuple[list[Node], list[tuple]]:
+    notes = notes_row(
+        (760, "DSD with true guidance\n\n"
+              "image_guidance > 1 adds two extra passes per step (from step 2): one with an empty prompt and the "
+              "reference, one with neither. The result follows the reference's identity more closely; it takes ~3x "
+              "longer.\n"
+              "image_guidance 1.5 / text_guidance 1.0 are the official demo's defaults. text_guidance only acts when "
+              "image_guidance > 1; raise it to follow the prompt more.\n\n"
+              "DSD Image Prep: center_crop is the official preprocessing; pad keeps the whole picture (product "
+              "shots)."),
+    )
+    y = below(notes)
     nodes = [
-        Node(1, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, 330), size=(320, 320)),
-        loader(2, (40, 80)),
+        Node(1, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, y + 260), size=(320, 320)),
+        loader(2, (40, y)),
         Node(6, "DSDImagePrep", dict(fit="center_crop", resample="bicubic", panel_size=512, pad_color="white"),
-             {"image": (1, 0)}, pos=(420, 500), size=(320, 170)),
-        sampler(3, (780, 80), model=2, image=6, prompt="this character surfing a big wave, golden hour",
+             {"image": (1, 0)}, pos=(420, y + 260), size=(320, 170)),
+        sampler(3, (780, y), model=2, image=6, prompt="this character surfing a big wave, golden hour",
                 seed=42, image_guidance=1.5, text_guidance=1.0),
-        Node(4, "SaveImage", dict(filename_prefix="dsd_true_guidance"), {"images": (3, 0)}, pos=(1200, 80),
+        Node(4, "SaveImage", dict(filename_prefix="dsd_true_guidance"), {"images": (3, 0)}, pos=(1200, y),
              size=(400, 440)),
-    ]
-    notes = [
-        ((40, -160), (700, 210),
-         "DSD with true guidance\n\n"
-         "image_guidance > 1 adds two extra passes per step (from step 2): one with an empty prompt and the reference, "
-         "one with neither. The result follows the reference's identity more closely; it takes ~3x longer.\n"
-         "image_guidance 1.5 / text_guidance 1.0 are the official demo's defaults. text_guidance only acts when "
-         "image_guidance > 1; raise it to follow the prompt more.\n\n"
-         "DSD Image Prep: center_crop is the official preprocessing; pad keeps the whole picture (product shots)."),
     ]
     return nodes, notes
 
 
 def comfy_files() -> tuple[list[Node], list[tuple]]:
+    notes = notes_row(
+        (760, "DSD from the files you already have (nothing downloaded)\n\n"
+              "models/text_encoders: clip_l.safetensors and t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn); "
+              "models/vae: ae.safetensors - the same files FLUX workflows use.\n"
+              "models/diffusion_models/dsd_transformer.safetensors: primecai/dsd_model's "
+              "transformer/diffusion_pytorch_model.safetensors, renamed (bf16, fp8 and the original FLUX key layout "
+              "work too).\nmodels/loras/dsd_lora.safetensors: its pytorch_lora_weights.safetensors, renamed.\n"
+              "The tokenizers come from ComfyUI itself."),
+    )
+    y = below(notes)
     nodes = [
-        Node(1, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, 330), size=(320, 320)),
+        Node(1, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, y + 290), size=(320, 320)),
         Node(2, "DSDFilesLoader", dict(transformer="dsd_transformer.safetensors", lora="dsd_lora.safetensors",
                                        clip_l="clip_l.safetensors", t5xxl="t5xxl_fp16.safetensors",
                                        vae="ae.safetensors", dtype="auto", memory="full", speed="exact"),
-             pos=(40, 40), size=(340, 230)),
-        sampler(3, (420, 80), model=2, image=1, prompt="this character reading a book in a cozy library", seed=7),
-        Node(4, "SaveImage", dict(filename_prefix="dsd_comfy_files"), {"images": (3, 0)}, pos=(840, 80),
+             pos=(40, y), size=(340, 230)),
+        sampler(3, (420, y), model=2, image=1, prompt="this character reading a book in a cozy library", seed=7),
+        Node(4, "SaveImage", dict(filename_prefix="dsd_comfy_files"), {"images": (3, 0)}, pos=(840, y),
              size=(400, 440)),
-    ]
-    notes = [
-        ((40, -200), (760, 220),
-         "DSD from the files you already have (nothing downloaded)\n\n"
-         "models/text_encoders: clip_l.safetensors and t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn); models/vae: "
-         "ae.safetensors - the same files FLUX workflows use.\n"
-         "models/diffusion_models/dsd_transformer.safetensors: primecai/dsd_model's "
-         "transformer/diffusion_pytorch_model.safetensors, renamed (bf16, fp8 and the original FLUX key layout "
-         "work too).\nmodels/loras/dsd_lora.safetensors: its pytorch_lora_weights.safetensors, renamed.\n"
-         "The tokenizers come from ComfyUI itself."),
     ]
     return nodes, notes
 
@@ -190,36 +248,184 @@ def to_ui(nodes: list[Node], notes: list[tuple]) -> dict:
                          "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
         next_id += 1
     return {"last_node_id": next_id - 1, "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [100, 220]}}, "version": 0.4}
+            "groups": [], "config": {}, "extra": {"ds": dict(VIEW)}, "version": 0.4}
 
 
-def render() -> dict[str, str]:
+# ---------------------------------------------------------------------------------------------- thumbnails
+#: colours in the spirit of ComfyUI's dark theme; links coloured by type
+THEME = dict(background=(32, 32, 32), grid=(40, 40, 40), node=(53, 53, 53), title=(34, 34, 34), outline=(10, 10, 10),
+             text=(221, 221, 221), note=(102, 85, 51), note_title=(68, 51, 34), slot=(150, 150, 150))
+LINK_COLOURS = {"IMAGE": (100, 181, 246), "DSD_MODEL": (178, 120, 255), "STRING": (119, 221, 119),
+                "MASK": (129, 199, 132)}
+
+
+def display_title(node: dict) -> str:
+    """The title a node shows: its own title, else its type split into words ('DSDModelLoader' -> 'DSD Model Loader')."""
+    return node.get("title") or re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", node["type"])
+
+
+def render_thumbnail(ui: dict, size: int = THUMBNAIL_SIZE):
+    """A picture of a UI workflow (PIL RGB image, ``size`` x ``size``): node boxes with title bars, slots and links.
+
+    Deterministic: integer geometry and Pillow's built-in bitmap font only (no system fonts), drawn at 2x and reduced.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    scale2 = 2
+    big = size * scale2
+    boxes = [(n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in ui["nodes"]]
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    margin = 24 * scale2
+    k = min((big - 2 * margin) / (x1 - x0), (big - 2 * margin) / (y1 - y0))
+    ox = (big - (x1 - x0) * k) / 2 - x0 * k
+    oy = (big - (y1 - y0) * k) / 2 - y0 * k
+
+    def at(x, y):
+        return int(round(x * k + ox)), int(round(y * k + oy))
+
+    im = Image.new("RGB", (big, big), THEME["background"])
+    draw = ImageDraw.Draw(im)
+    for g in range(0, big, 32 * scale2):
+        draw.line([(g, 0), (g, big)], fill=THEME["grid"])
+        draw.line([(0, g), (big, g)], fill=THEME["grid"])
+    font = ImageFont.load_default_imagefont() if hasattr(ImageFont, "load_default_imagefont") else ImageFont.load_default()
+    by_id = {n["id"]: n for n in ui["nodes"]}
+
+    def slot_xy(node, slot, output):
+        x = node["pos"][0] + (node["size"][0] if output else 0)
+        return at(x, node["pos"][1] + 14 + 20 * slot)
+
+    def text(xy, s, colour, max_w):
+        """Bitmap text at 2x (nearest-neighbour), cut to ``max_w`` px."""
+        w, h = draw.textbbox((0, 0), s, font=font)[2:]
+        while s and w * 2 > max_w:
+            s = s[:-2] + "…" if len(s) > 2 else ""
+            w, h = draw.textbbox((0, 0), s.replace("…", "."), font=font)[2:]
+        if not s:
+            return
+        s = s.replace("…", ".")
+        tile = Image.new("L", (w + 1, h + 1), 0)
+        ImageDraw.Draw(tile).text((0, 0), s, fill=255, font=font)
+        tile = tile.resize((tile.width * 2, tile.height * 2), Image.NEAREST)
+        im.paste(Image.new("RGB", tile.size, colour), xy, tile)
+
+    # links under the nodes: cubic curves from output slot to input slot, as LiteGraph draws them
+    for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
+        (ax, ay), (bx, by) = slot_xy(by_id[src], src_slot, True), slot_xy(by_id[dst], dst_slot, False)
+        d = max(40, abs(bx - ax) // 2)
+        pts = []
+        for i in range(33):
+            t = i / 32
+            u = 1 - t
+            pts.append((int(round(u ** 3 * ax + 3 * u * u * t * (ax + d) + 3 * u * t * t * (bx - d) + t ** 3 * bx)),
+                        int(round(u ** 3 * ay + 3 * u * u * t * ay + 3 * u * t * t * by + t ** 3 * by))))
+        draw.line(pts, fill=LINK_COLOURS.get(typ, THEME["slot"]), width=3 * scale2)
+    for n, (bx0, by0, bx1, by1) in zip(ui["nodes"], boxes):
+        note = n["type"] in ("Note", "MarkdownNote")
+        (ax, ay), (cx, cy) = at(bx0, by0), at(bx1, by1)
+        title_bottom = at(bx0, n["pos"][1])[1]
+        draw.rectangle([ax, ay, cx, cy], fill=THEME["note" if note else "node"], outline=THEME["outline"],
+                       width=scale2)
+        draw.rectangle([ax, ay, cx, title_bottom], fill=THEME["note_title" if note else "title"],
+                       outline=THEME["outline"], width=scale2)
+        pad = 6 * scale2
+        text((ax + pad, ay + max(2, (title_bottom - ay - 22) // 2)), display_title(n) if not note else "Note",
+             THEME["text"], cx - ax - 2 * pad)
+        if note:  # the note's first line, as a hint of what it explains
+            first = (n.get("widgets_values") or [""])[0].split("\n", 1)[0]
+            text((ax + pad, title_bottom + pad), first, THEME["text"], cx - ax - 2 * pad)
+        for slot in range(len(n.get("inputs", []))):
+            sx, sy = slot_xy(n, slot, False)
+            draw.ellipse([sx - 5, sy - 5, sx + 5, sy + 5], fill=THEME["slot"])
+        for slot in range(len(n.get("outputs", []))):
+            sx, sy = slot_xy(n, slot, True)
+            draw.ellipse([sx - 5, sy - 5, sx + 5, sy + 5], fill=THEME["slot"])
+    return im.resize((size, size), Image.LANCZOS)
+
+
+def encode_jpeg(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90, optimize=False, progressive=False, subsampling=0)
+    return buf.getvalue()
+
+
+def same_picture(a: bytes, b: bytes) -> bool:
+    """Equal bytes, or equal pictures up to JPEG codec differences (another libjpeg gives other bytes)."""
+    if a == b:
+        return True
+    import numpy as np
+    from PIL import Image
+
+    try:
+        pa, pb = (np.asarray(Image.open(io.BytesIO(x)).convert("RGB"), dtype=np.int16) for x in (a, b))
+    except OSError:
+        return False
+    if pa.shape != pb.shape:
+        return False
+    # codec differences stay within a few levels (a quality 85 re-encode: < 64 everywhere); one changed letter of a
+    # title moves ~20 pixels by > 64
+    return int(np.abs(pa - pb).max()) <= 64
+
+
+# ---------------------------------------------------------------------------------------------- files
+def render() -> dict[str, bytes]:
+    """Every generated file, relative to workflows/: UI json, its thumbnail, API json."""
     files = {}
     for name, build in GRAPHS.items():
         nodes, notes = build()
-        files[f"{name}.json"] = json.dumps(to_ui(nodes, notes), indent=2) + "\n"
-        files[f"{name}.api.json"] = json.dumps(to_api(nodes), indent=2) + "\n"
+        ui = to_ui(nodes, notes)
+        files[f"{name}.json"] = (json.dumps(ui, indent=2) + "\n").encode()
+        files[f"{name}.jpg"] = encode_jpeg(render_thumbnail(ui))
+        files[f"{API_DIR}/{name}.json"] = (json.dumps(to_api(nodes), indent=2) + "\n").encode()
     return files
+
+
+def stray_files(generated) -> list[str]:
+    """Files in workflows/ and workflows/api/ that look generated (json, jpg) but are not: ComfyUI would list them."""
+    out = []
+    for sub in ("", API_DIR):
+        folder = os.path.join(HERE, sub)
+        if os.path.isdir(folder):
+            for n in sorted(os.listdir(folder)):
+                rel = f"{sub}/{n}" if sub else n
+                if n.endswith((".json", ".jpg", ".jpeg", ".png", ".webp")) and rel not in generated:
+                    out.append(rel)
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="only check that the committed files are up to date")
     args = ap.parse_args(argv)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from dsd_core.files import write_bytes
+
     stale = []
-    for name, text in render().items():
+    files = render()
+    for name, data in files.items():
         path = os.path.join(HERE, name)
-        current = open(path, encoding="utf-8").read() if os.path.exists(path) else None
-        if current != text:
+        current = open(path, "rb").read() if os.path.exists(path) else None
+        fresh = current is not None and (same_picture(current, data) if name.endswith(".jpg") else current == data)
+        if not fresh:
             stale.append(name)
             if not args.check:
-                with open(path + ".tmp", "w", encoding="utf-8") as f:
-                    f.write(text)
-                os.replace(path + ".tmp", path)
-    if args.check and stale:
-        print(f"out of date: {', '.join(stale)}; run python workflows/make_workflows.py", file=sys.stderr)
+                write_bytes(path, data)
+    stray = stray_files(files)
+    if args.check and (stale or stray):
+        if stale:
+            print(f"out of date: {', '.join(stale)}; run python workflows/make_workflows.py", file=sys.stderr)
+        if stray:
+            print(f"not generated (ComfyUI would list them as templates): {', '.join(stray)}; "
+                  "run python workflows/make_workflows.py to remove them", file=sys.stderr)
         return 1
-    print("\n".join(f"{'wrote' if not args.check else 'stale'} {s}" for s in stale) or "up to date")
+    if not args.check:
+        for rel in stray:
+            os.remove(os.path.join(HERE, rel))
+    verb = "stale" if args.check else "wrote"
+    print("\n".join([f"{verb} {s}" for s in stale] + [f"removed {s}" for s in stray]) or "up to date")
     return 0
 
 

@@ -105,7 +105,7 @@ def test_shipped_api_workflow_runs_and_matches_core(engine, comfy, name):
 
 
 def test_same_seed_same_pixels_new_seed_new_image(engine, comfy):
-    base = api_workflows()["dsd_basic.api.json"]
+    base = api_workflows()["dsd_basic.json"]
     quick = copy.deepcopy(base)
     quick["3"]["inputs"].update(steps=3, panel_size=256)
     a, _ = saved_image(comfy, assert_success(comfy.run(unique(quick), timeout=300)), "4")
@@ -118,19 +118,19 @@ def test_same_seed_same_pixels_new_seed_new_image(engine, comfy):
 
 
 def test_broken_input_gives_execution_error_and_server_keeps_serving(engine, comfy):
-    bad = unique(api_workflows()["dsd_basic.api.json"])
+    bad = unique(api_workflows()["dsd_basic.json"])
     bad["3"]["inputs"].update(panel_size=520, steps=1)  # within the widget range, but not a multiple of 16
     entry = comfy.run(bad, timeout=300)
     err = execution_error(entry)
     assert err is not None, entry.get("status")
     assert err["node_type"] == "DSDSampler" and "multiple of 16" in err["exception_message"]
-    ok = unique(api_workflows()["dsd_basic.api.json"])
+    ok = unique(api_workflows()["dsd_basic.json"])
     ok["3"]["inputs"].update(steps=1, panel_size=256)
     assert_success(comfy.run(ok, timeout=300))
 
 
 def test_missing_model_folder_is_explained(engine, comfy):
-    bad = unique(api_workflows()["dsd_basic.api.json"])
+    bad = unique(api_workflows()["dsd_basic.json"])
     bad["2"]["inputs"]["dtype"] = "float32"  # a new loader input, so the cached model is not reused
     shutil.move(engine.models_dir / "dsd" / "dsd_model", engine.models_dir / "dsd_moved")
     try:
@@ -143,7 +143,7 @@ def test_missing_model_folder_is_explained(engine, comfy):
 
 
 def test_interrupt_stops_sampling(engine, comfy):
-    slow = unique(api_workflows()["dsd_basic.api.json"])
+    slow = unique(api_workflows()["dsd_basic.json"])
     slow["3"]["inputs"].update(steps=200, seed=12345)
     pid = comfy.queue_prompt(slow)
     comfy.wait_until_running(pid, timeout=120)
@@ -160,7 +160,7 @@ def test_ui_workflows_match_the_servers_node_definitions(engine, comfy):
     info = comfy.object_info()
     for name, ui in ui_workflows().items():
         assert check_ui_workflow(ui, info) == [], name
-        api = api_workflows()[name.replace(".json", ".api.json")]
+        api = api_workflows()[name]
         assert ui_to_api(ui, info) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
 
 
@@ -168,7 +168,7 @@ def test_prompt_enhancer_key_never_leaks(engine, comfy):
     """Gemini key in the server's environment; enhanced prompt flows into the sampler; the key is nowhere saved."""
     fake = models.FAKE_GEMINI
     before = fake.request_count
-    prompt = unique(api_workflows()["dsd_basic.api.json"])
+    prompt = unique(api_workflows()["dsd_basic.json"])
     prompt["3"]["inputs"].update(steps=1, panel_size=256)
     prompt["7"] = {"class_type": "DSDPromptEnhancer",
                    "inputs": {"image": ["1", 0], "prompt": "this fox on a beach", "backend": "gemini",
@@ -195,7 +195,7 @@ def test_prompt_enhancer_key_never_leaks(engine, comfy):
 
 def test_free_memory_releases_the_model(engine, comfy):
     """ComfyUI's "free model and node cache" (POST /free) drops the cached DSD model."""
-    prompt = unique(api_workflows()["dsd_basic.api.json"])
+    prompt = unique(api_workflows()["dsd_basic.json"])
     prompt["2"]["inputs"]["memory"] = "24gb"  # a loader input no other test uses: a fresh handle
     prompt["3"]["inputs"].update(steps=1, panel_size=256)
     assert_success(comfy.run(prompt, timeout=300))
