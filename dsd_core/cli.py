@@ -105,6 +105,8 @@ def _add_tiny(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--comfy-files", action="store_true",
                    help="also write the same weights as ComfyUI single files under OUT_DIR/comfyui_models")
+    p.add_argument("--comfyui", metavar="MODELS_DIR", help="also lay the set out in a ComfyUI models folder "
+                   "(dsd/dsd_model, diffusers/FLUX.1-dev, the single files, dsd/tokenizers); never overwrites")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,10 +234,18 @@ def run_generate(args) -> int:
 def run_tiny(args) -> int:
     from .tiny import write_tiny_comfy_files, write_tiny_model
 
+    if args.comfyui:  # refuse before writing anything if it would overwrite a model
+        from .tiny import comfy_models_targets
+
+        comfy_models_targets(args.comfyui)
     paths = write_tiny_model(args.out_dir, seed=args.seed)
     if args.comfy_files:
         files = write_tiny_comfy_files(os.path.join(args.out_dir, "comfyui_models"), seed=args.seed)
         paths.update({f"comfy {k}": v for k, v in files.items()})
+    if args.comfyui:
+        from .tiny import write_tiny_comfy_models
+
+        paths.update({f"comfyui {k}": v for k, v in write_tiny_comfy_models(args.comfyui, seed=args.seed).items()})
     print(f"wrote a tiny DSD model set with random weights (its images are noise) to {args.out_dir}:")
     for k, v in paths.items():
         print(f"  {k:12s} {v}")

@@ -8,6 +8,9 @@
     OUT_DIR/dsd/pytorch_lora_weights.safetensors   rank-4 LoRA on the attention projections
     OUT_DIR/reference.png   a synthetic reference image
 
+``--comfy-files`` adds the same weights as ComfyUI single files under ``OUT_DIR/comfyui_models``;
+``--comfyui MODELS_DIR`` lays the whole set out in a ComfyUI ``models`` folder (:func:`write_tiny_comfy_models`).
+
 It exists for smoke tests, demos and CI: the weights are random, so **its images are noise**. Everything runs on a
 CPU in seconds. Same code, same files: the safetensors written are byte-identical from run to run.
 """
@@ -205,6 +208,47 @@ def write_tiny_comfy_files(models_dir: str, seed: int = 0) -> dict[str, str]:
     save_lora(paths["lora"], lora, lora_meta)
     c["tokenizer"].save_pretrained(os.path.join(paths["tokenizers"], "clip"))
     c["tokenizer_2"].save_pretrained(os.path.join(paths["tokenizers"], "t5"))
+    return paths
+
+
+def comfy_models_targets(models_dir: str) -> dict[str, str]:
+    """What :func:`write_tiny_comfy_models` writes under ``models_dir``; InputError if any of it exists."""
+    from .errors import InputError
+    from .model_store import DEFAULT_BASE_NAME, DEFAULT_MODEL_NAME
+
+    models_dir = os.path.abspath(models_dir)
+    paths = {"model": os.path.join(models_dir, "dsd", DEFAULT_MODEL_NAME),
+             "base": os.path.join(models_dir, "diffusers", DEFAULT_BASE_NAME),
+             **{k: os.path.join(models_dir, v) for k, v in COMFY_FILES.items()}}
+    existing = [p for p in paths.values() if os.path.exists(p)]
+    if existing:
+        raise InputError(f"{', '.join(existing)} already exist(s); tiny-model never overwrites models (they may be "
+                         f"real weights). Remove them or point --comfyui at another models folder.")
+    return paths
+
+
+def write_tiny_comfy_models(models_dir: str, seed: int = 0) -> dict[str, str]:
+    """The tiny set laid out in a ComfyUI ``models`` folder, ready for every shipped workflow, in one step.
+
+    Writes ``dsd/dsd_model`` (transformer/ + LoRA) and ``diffusers/FLUX.1-dev`` (for *DSD Model Loader*) and the single
+    files of :data:`COMFY_FILES` with ``dsd/tokenizers`` (for *DSD Model Loader (ComfyUI files)*). Never overwrites: if
+    any of these already exists (it may be a real model) nothing is written and :class:`InputError` says which.
+    If ``models_dir`` sits in a ComfyUI folder with an ``input/`` folder, the reference image is copied there as
+    ``dsd_reference.png`` (the workflows' input) unless one exists. Returns the paths written.
+    """
+    models_dir = os.path.abspath(models_dir)
+    paths = comfy_models_targets(models_dir)
+    os.makedirs(models_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=models_dir, prefix=".tiny-") as tmp:
+        parts = write_tiny_model(os.path.join(tmp, "set"), seed=seed)
+        for key in ("model", "base"):
+            os.makedirs(os.path.dirname(paths[key]), exist_ok=True)
+            os.replace(parts[key], paths[key])
+        input_dir = os.path.join(os.path.dirname(models_dir), "input")
+        if os.path.isdir(input_dir) and not os.path.exists(os.path.join(input_dir, "dsd_reference.png")):
+            os.replace(parts["reference"], os.path.join(input_dir, "dsd_reference.png"))
+            paths["reference"] = os.path.join(input_dir, "dsd_reference.png")
+    write_tiny_comfy_files(models_dir, seed=seed)
     return paths
 
 

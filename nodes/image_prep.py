@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+logger = logging.getLogger(__name__)
 PAD_COLORS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 
 
@@ -17,23 +20,32 @@ class DSDImagePrep:
     @classmethod
     def INPUT_TYPES(cls):
         from dsd_core.image import FIT_MODES, RESAMPLE_FILTERS
+        from dsd_core.inputs import PANEL_SIZE
 
         return {"required": {
             "image": ("IMAGE",),
             "fit": (list(FIT_MODES), {"default": "center_crop"}),
             "resample": (list(RESAMPLE_FILTERS), {"default": "bicubic",
                                                   "tooltip": "bicubic is Pillow's default and the reference's."}),
-            "panel_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 16,
-                                   "tooltip": "Side of the square panel; DSD was trained at 512."}),
+            "panel_size": ("INT", {**PANEL_SIZE,
+                                   "tooltip": "Side of the square panel (the DSD Sampler accepts the same sizes); "
+                                              "DSD was trained at 512."}),
             "pad_color": (list(PAD_COLORS), {"default": "white", "tooltip": "Fill colour for fit = pad."}),
         }}
 
     def prepare(self, image, fit, resample, panel_size, pad_color):
         from dsd_core.image import pil_to_tensor, prepare_reference, tensor_to_pil
+        from dsd_core.inputs import check_panel_size, reference_notes
 
+        check_panel_size(panel_size)
+        images = tensor_to_pil(image)
+        notes = sorted({n for im in images for n in reference_notes(im.size, (panel_size, panel_size), fit)})
+        for note in notes:
+            logger.warning("DSD Image Prep: %s", note)
         out = [prepare_reference(im, panel_size, panel_size, mode=fit, resample=resample,
-                                 pad_color=PAD_COLORS[pad_color]) for im in tensor_to_pil(image)]
-        return (pil_to_tensor(out),)
+                                 pad_color=PAD_COLORS[pad_color]) for im in images]
+        result = (pil_to_tensor(out),)
+        return {"ui": {"text": notes}, "result": result} if notes else {"result": result}
 
 
 NODE_CLASS_MAPPINGS = {"DSDImagePrep": DSDImagePrep}

@@ -16,15 +16,19 @@ class DSDSampler:
                    "identity, 3x slower from step 2); text_guidance only acts then. Defaults are the official ones.")
     CATEGORY = "DSD/sampling"
     FUNCTION = "sample"
-    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
-    RETURN_NAMES = ("images", "reference_reconstruction", "prompt_used")
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("images", "reference_reconstruction", "prompt_used", "notes")
     OUTPUT_TOOLTIPS = ("The generated right panels, one per batch item (seeds seed, seed+1, ...).",
                        "The left panels: the model's reconstruction of the reference.",
-                       "The prompt that was encoded (after newline removal).")
+                       "The prompt that was encoded (after newline removal).",
+                       "What happened to the inputs, one line each (empty when nothing): a prompt cut to what the "
+                       "text encoders read (77 CLIP / 512 T5 tokens), a very small reference upscaled. Also shown "
+                       "in the node's output and the server log.")
 
     @classmethod
     def INPUT_TYPES(cls):
         from dsd_core.image import FIT_MODES
+        from dsd_core.inputs import PANEL_SIZE
 
         return {
             "required": {
@@ -41,7 +45,7 @@ class DSDSampler:
                                                         "official demo) at 3 passes per step."}),
                 "text_guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
                                             "tooltip": "True text guidance; only acts when image_guidance > 1."}),
-                "panel_size": ("INT", {"default": 512, "min": 256, "max": 1024, "step": 16,
+                "panel_size": ("INT", {**PANEL_SIZE,
                                        "tooltip": "Side of each panel (the canvas is panel_size x 2*panel_size); "
                                                   "DSD was trained at 512 and distorts above ~768."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16}),
@@ -59,12 +63,16 @@ class DSDSampler:
     def sample(self, dsd_model, image, prompt, seed, steps, guidance, image_guidance, text_guidance, panel_size,
                batch_size, lora_scale, condition_sampling="sample", fit="center_crop"):
         from dsd_core.image import prepare_reference, tensor_to_pil
+        from dsd_core.inputs import check_panel_size, prompt_token_counts, reference_notes
         from dsd_core.preview import latent_preview
 
         _comfy.check_interrupt()
+        check_panel_size(panel_size)
         if image.shape[0] > 1:
             logger.warning("DSD Sampler got %d reference images; using the first.", image.shape[0])
-        reference = prepare_reference(tensor_to_pil(image[:1])[0], panel_size, panel_size, mode=fit)
+        source = tensor_to_pil(image[:1])[0]
+        notes = reference_notes(source.size, (panel_size, panel_size), fit)
+        reference = prepare_reference(source, panel_size, panel_size, mode=fit)
         _comfy.make_room(dsd_model.spec.device)
         pipe = dsd_model.get()
         height, width = panel_size, 2 * panel_size
@@ -83,7 +91,11 @@ class DSDSampler:
                    lora_scale=lora_scale, output_type="pt", progress_callback=on_step)
         images = out.images.permute(0, 2, 3, 1).float().cpu()
         references = out.references.permute(0, 2, 3, 1).float().cpu()
-        return (images, references, out.prompt)
+        notes += prompt_token_counts(pipe.tokenizer, pipe.tokenizer_2, out.prompt).notes()
+        for note in notes:
+            logger.warning("DSD Sampler: %s", note)
+        result = (images, references, out.prompt, "\n".join(notes))
+        return {"ui": {"text": notes}, "result": result} if notes else {"result": result}
 
 
 NODE_CLASS_MAPPINGS = {"DSDSampler": DSDSampler}

@@ -74,7 +74,7 @@ def _sample(handle, image, **kw):
     args = dict(prompt="a cat on a red chair", seed=3, steps=2, guidance=3.5, image_guidance=1.0,
                 text_guidance=1.0, panel_size=256, batch_size=1, lora_scale=1.0)
     args.update(kw)
-    return nodes.NODE_CLASS_MAPPINGS["DSDSampler"]().sample(handle, image, **args)
+    return nodes.NODE_CLASS_MAPPINGS["DSDSampler"]().sample(handle, image, **args)["result"][:3]
 
 
 def test_loader_lists_and_loads(comfy_models):
@@ -153,9 +153,10 @@ def test_image_prep_node():
     from dsd_core.tiny import reference_image
 
     batch = torch.cat([pil_to_tensor(reference_image(300, 200, seed=s)) for s in (1, 2)])
-    (out,) = nodes.NODE_CLASS_MAPPINGS["DSDImagePrep"]().prepare(batch, "pad", "bicubic", 128, "black")
+    (out,) = nodes.NODE_CLASS_MAPPINGS["DSDImagePrep"]().prepare(batch, "pad", "bicubic", 128, "black")["result"]
     assert out.shape == (2, 128, 128, 3)
-    (crop,) = nodes.NODE_CLASS_MAPPINGS["DSDImagePrep"]().prepare(batch[:1], "center_crop", "bicubic", 512, "white")
+    (crop,) = nodes.NODE_CLASS_MAPPINGS["DSDImagePrep"]().prepare(batch[:1], "center_crop", "bicubic", 512,
+                                                                   "white")["result"]
     want = np.asarray(prepare_reference(tensor_to_pil(batch[:1])[0]), dtype=np.float32) / 255
     np.testing.assert_array_equal(crop[0].numpy(), want)
 

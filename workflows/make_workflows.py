@@ -63,7 +63,7 @@ INTERFACES = {
     "DSDImagePrep": dict(links=[("image", "IMAGE")], outputs=[("image", "IMAGE")]),
     "DSDSampler": dict(links=[("dsd_model", "DSD_MODEL"), ("image", "IMAGE")],
                        outputs=[("images", "IMAGE"), ("reference_reconstruction", "IMAGE"),
-                                ("prompt_used", "STRING")]),
+                                ("prompt_used", "STRING"), ("notes", "STRING")]),
     "DSDPromptEnhancer": dict(links=[("image", "IMAGE")], outputs=[("prompt", "STRING"), ("caption", "STRING")]),
 }
 #: Widgets whose UI value is followed by the "control after generate" value.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -31,16 +30,11 @@ FAKE_GEMINI = None
 
 
 def populate_models(models_dir: Path) -> None:
-    """Write the tiny DSD model set as models/dsd/dsd_model and models/diffusers/FLUX.1-dev."""
-    from dsd_core.model_store import DEFAULT_BASE_NAME, DEFAULT_MODEL_NAME
-    from dsd_core.tiny import write_tiny_comfy_files, write_tiny_model
+    """The tiny DSD model set in the layout the shipped workflows expect (``tiny-model --comfyui``'s code)."""
+    from dsd_core.tiny import reference_image, write_tiny_comfy_models
 
-    parts = write_tiny_model(str(models_dir / ".tiny"))
-    shutil.move(parts["model"], models_dir / "dsd" / DEFAULT_MODEL_NAME)
-    shutil.move(parts["base"], models_dir / "diffusers" / DEFAULT_BASE_NAME)
-    shutil.move(parts["reference"], models_dir / "reference.png")
-    shutil.rmtree(models_dir / ".tiny")
-    write_tiny_comfy_files(str(models_dir))  # the same weights as ComfyUI single files
+    write_tiny_comfy_models(str(models_dir))
+    reference_image(seed=0).save(models_dir / "reference.png")
 
 
 def server_environment(root: Path) -> dict:
