@@ -49,3 +49,18 @@ def test_templates_browser_lists_only_ui_workflows_with_thumbnails(comfy, comfy_
     status, raw, _ = comfy.request("GET", f"/api/workflow_templates/{PACK_NAME}/api/{first}")
     assert status == 200 and json.loads(raw) == api_workflows()[first]
     assert os.path.isdir(os.path.join(WORKFLOWS_DIR, "api"))
+
+
+def test_sampler_notes_reach_the_history(comfy, comfy_engine):
+    """A cut prompt is reported by the sampler in the node's UI output (V1 {"ui": {"text": ...}}), not only logged."""
+    import copy
+    import uuid
+
+    from .client import assert_success
+
+    prompt = copy.deepcopy(api_workflows()["dsd_basic.json"])
+    prompt["3"]["inputs"].update(steps=1, panel_size=64, seed=5,
+                                 prompt=f"a cat on a red chair {uuid.uuid4().hex} " + "a cat on a red chair " * 30)
+    entry = assert_success(comfy.run(prompt, timeout=300))
+    notes = entry["outputs"]["3"]["text"]
+    assert any(n.startswith("prompt truncated for CLIP: it is") for n in notes), notes
