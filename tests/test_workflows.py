@@ -93,20 +93,29 @@ def test_templates_folder_holds_only_ui_workflows_with_thumbnails():
 def test_thumbnail_is_drawn_from_the_graph_deterministically():
     nodes, notes = mw.basic()
     ui = mw.to_ui(nodes, notes)
-    a, b = mw.encode_jpeg(mw.render_thumbnail(ui)), mw.encode_jpeg(mw.render_thumbnail(copy.deepcopy(ui)))
-    assert a == b
-    moved = copy.deepcopy(ui)
-    next(n for n in moved["nodes"] if n["type"] == "DSDSampler")["pos"][1] += 150
-    assert not mw.same_picture(a, mw.encode_jpeg(mw.render_thumbnail(moved)))
-    renamed = copy.deepcopy(ui)
-    next(n for n in renamed["nodes"] if n["type"] == "DSDSampler")["title"] = "DSD Samplers"  # one letter more
-    assert not mw.same_picture(a, mw.encode_jpeg(mw.render_thumbnail(renamed)))
-    # another JPEG encoder's rounding is tolerated: the same picture at another quality still counts as the same
+    a = mw.thumbnail(ui)
+    assert a == mw.thumbnail(copy.deepcopy(ui))
+    assert mw.jpeg_comment(a) == mw.thumbnail_fingerprint(ui)
+    changes = [lambda u: next(n for n in u["nodes"] if n["type"] == "DSDSampler")["pos"].__setitem__(1, 150),
+               lambda u: next(n for n in u["nodes"] if n["type"] == "DSDSampler")["size"].__setitem__(1, 500),
+               lambda u: next(n for n in u["nodes"] if n["type"] == "DSDSampler").__setitem__("title", "DSD Samplers"),
+               lambda u: u["links"].pop()]
+    for change in changes:
+        other = copy.deepcopy(ui)
+        change(other)
+        assert not mw.same_thumbnail(a, mw.thumbnail(other))
+    # another JPEG encoder's bytes for the same drawing count as current (the fingerprint is in the comment)
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.open(io.BytesIO(a)).save(buf, format="JPEG", quality=85)
-    assert mw.same_picture(a, buf.getvalue())
+    Image.open(io.BytesIO(a)).save(buf, format="JPEG", quality=85, comment=mw.jpeg_comment(a).encode())
+    assert buf.getvalue() != a and mw.same_thumbnail(buf.getvalue(), a)
+    # and the picture shows the graph: a title-bar pixel of the sampler is the title colour, a far corner background
+    im = mw.render_thumbnail(ui)
+    box = next(s for s in mw.thumbnail_shapes(ui) if s[0] == "box" and s[1] == mw.THEME["title"])
+    pixel = im.getpixel((box[5] // 2 - 6, (box[4] + box[6]) // 4))  # right end of the title bar, clear of the text
+    assert max(abs(a - b) for a, b in zip(pixel, mw.THEME["title"])) <= 3, pixel
+    assert im.getpixel((16, 16)) == mw.THEME["background"]  # between grid lines, outside the graph
 
 
 def test_check_reports_stale_and_stray_files(tmp_path, monkeypatch, capsys):
@@ -115,8 +124,7 @@ def test_check_reports_stale_and_stray_files(tmp_path, monkeypatch, capsys):
     shutil.copytree(os.path.join(ROOT, "workflows"), tmp_path / "workflows")
     monkeypatch.setattr(mw, "HERE", str(tmp_path / "workflows"))
     assert mw.main(["--check"]) == 0
-    (tmp_path / "workflows" / "dsd_basic.jpg").write_bytes(mw.encode_jpeg(mw.render_thumbnail(
-        mw.to_ui(*mw.comfy_files()))))
+    (tmp_path / "workflows" / "dsd_basic.jpg").write_bytes(mw.thumbnail(mw.to_ui(*mw.comfy_files())))
     (tmp_path / "workflows" / "old.api.json").write_text("{}")
     assert mw.main(["--check"]) == 1
     err = capsys.readouterr().err

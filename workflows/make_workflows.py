@@ -81,7 +81,7 @@ def sampler(id, pos, model, image, prompt="this character playing soccer", seed=
                    text_guidance=text_guidance, panel_size=512, batch_size=1, lora_scale=1.0,
                    condition_sampling="sample", fit="center_crop")
     inputs = {"dsd_model": (model, 0), "image": (image, 0), **(extra_inputs or {})}
-    return Node(id, "DSDSampler", widgets, inputs, pos=pos, size=(380, 420))
+    return Node(id, "DSDSampler", widgets, inputs, pos=pos, size=(380, 460))
 
 
 #: Note text metrics (ComfyUI's Note textarea, conservatively): character width and line height in canvas px.
@@ -264,20 +264,19 @@ def display_title(node: dict) -> str:
     return node.get("title") or re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", node["type"])
 
 
-def render_thumbnail(ui: dict, size: int = THUMBNAIL_SIZE):
-    """A picture of a UI workflow (PIL RGB image, ``size`` x ``size``): node boxes with title bars, slots and links.
+def thumbnail_shapes(ui: dict, size: int = THUMBNAIL_SIZE) -> list[tuple]:
+    """What a UI workflow's thumbnail shows, as drawing primitives in integer pixels of a ``2*size`` canvas.
 
-    Deterministic: integer geometry and Pillow's built-in bitmap font only (no system fonts), drawn at 2x and reduced.
+    ``("link", colour, points)``, ``("box", fill, outline, x0, y0, x1, y1)``, ``("text", colour, x, y, max_w, text)``,
+    ``("dot", colour, x, y)``: node boxes with title bars, slots, links as LiteGraph's curves, each note's first line.
+    Pure integer geometry from the graph, so its fingerprint (:func:`thumbnail_fingerprint`) is exact everywhere.
     """
-    from PIL import Image, ImageDraw, ImageFont
-
-    scale2 = 2
-    big = size * scale2
+    big = 2 * size
     boxes = [(n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
              for n in ui["nodes"]]
     x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
     x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
-    margin = 24 * scale2
+    margin = 48
     k = min((big - 2 * margin) / (x1 - x0), (big - 2 * margin) / (y1 - y0))
     ox = (big - (x1 - x0) * k) / 2 - x0 * k
     oy = (big - (y1 - y0) * k) / 2 - y0 * k
@@ -285,88 +284,114 @@ def render_thumbnail(ui: dict, size: int = THUMBNAIL_SIZE):
     def at(x, y):
         return int(round(x * k + ox)), int(round(y * k + oy))
 
-    im = Image.new("RGB", (big, big), THEME["background"])
-    draw = ImageDraw.Draw(im)
-    for g in range(0, big, 32 * scale2):
-        draw.line([(g, 0), (g, big)], fill=THEME["grid"])
-        draw.line([(0, g), (big, g)], fill=THEME["grid"])
-    font = ImageFont.load_default_imagefont() if hasattr(ImageFont, "load_default_imagefont") else ImageFont.load_default()
     by_id = {n["id"]: n for n in ui["nodes"]}
 
     def slot_xy(node, slot, output):
-        x = node["pos"][0] + (node["size"][0] if output else 0)
-        return at(x, node["pos"][1] + 14 + 20 * slot)
+        return at(node["pos"][0] + (node["size"][0] if output else 0), node["pos"][1] + 14 + 20 * slot)
 
-    def text(xy, s, colour, max_w):
-        """Bitmap text at 2x (nearest-neighbour), cut to ``max_w`` px."""
-        w, h = draw.textbbox((0, 0), s, font=font)[2:]
-        while s and w * 2 > max_w:
-            s = s[:-2] + "…" if len(s) > 2 else ""
-            w, h = draw.textbbox((0, 0), s.replace("…", "."), font=font)[2:]
-        if not s:
-            return
-        s = s.replace("…", ".")
-        tile = Image.new("L", (w + 1, h + 1), 0)
-        ImageDraw.Draw(tile).text((0, 0), s, fill=255, font=font)
-        tile = tile.resize((tile.width * 2, tile.height * 2), Image.NEAREST)
-        im.paste(Image.new("RGB", tile.size, colour), xy, tile)
-
-    # links under the nodes: cubic curves from output slot to input slot, as LiteGraph draws them
-    for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
+    shapes = []
+    for _, src, src_slot, dst, dst_slot, typ in ui["links"]:  # under the nodes, cubic curves as LiteGraph draws them
         (ax, ay), (bx, by) = slot_xy(by_id[src], src_slot, True), slot_xy(by_id[dst], dst_slot, False)
         d = max(40, abs(bx - ax) // 2)
         pts = []
         for i in range(33):
-            t = i / 32
-            u = 1 - t
+            t, u = i / 32, 1 - i / 32
             pts.append((int(round(u ** 3 * ax + 3 * u * u * t * (ax + d) + 3 * u * t * t * (bx - d) + t ** 3 * bx)),
                         int(round(u ** 3 * ay + 3 * u * u * t * ay + 3 * u * t * t * by + t ** 3 * by))))
-        draw.line(pts, fill=LINK_COLOURS.get(typ, THEME["slot"]), width=3 * scale2)
+        shapes.append(("link", LINK_COLOURS.get(typ, THEME["slot"]), pts))
     for n, (bx0, by0, bx1, by1) in zip(ui["nodes"], boxes):
         note = n["type"] in ("Note", "MarkdownNote")
         (ax, ay), (cx, cy) = at(bx0, by0), at(bx1, by1)
         title_bottom = at(bx0, n["pos"][1])[1]
-        draw.rectangle([ax, ay, cx, cy], fill=THEME["note" if note else "node"], outline=THEME["outline"],
-                       width=scale2)
-        draw.rectangle([ax, ay, cx, title_bottom], fill=THEME["note_title" if note else "title"],
-                       outline=THEME["outline"], width=scale2)
-        pad = 6 * scale2
-        text((ax + pad, ay + max(2, (title_bottom - ay - 22) // 2)), display_title(n) if not note else "Note",
-             THEME["text"], cx - ax - 2 * pad)
+        shapes.append(("box", THEME["note" if note else "node"], THEME["outline"], ax, ay, cx, cy))
+        shapes.append(("box", THEME["note_title" if note else "title"], THEME["outline"], ax, ay, cx, title_bottom))
+        pad = 12
+        shapes.append(("text", THEME["text"], ax + pad, ay + max(2, (title_bottom - ay - 22) // 2), cx - ax - 2 * pad,
+                       "Note" if note else display_title(n)))
         if note:  # the note's first line, as a hint of what it explains
             first = (n.get("widgets_values") or [""])[0].split("\n", 1)[0]
-            text((ax + pad, title_bottom + pad), first, THEME["text"], cx - ax - 2 * pad)
+            shapes.append(("text", THEME["text"], ax + pad, title_bottom + pad, cx - ax - 2 * pad, first))
         for slot in range(len(n.get("inputs", []))):
-            sx, sy = slot_xy(n, slot, False)
-            draw.ellipse([sx - 5, sy - 5, sx + 5, sy + 5], fill=THEME["slot"])
+            shapes.append(("dot", THEME["slot"], *slot_xy(n, slot, False)))
         for slot in range(len(n.get("outputs", []))):
-            sx, sy = slot_xy(n, slot, True)
-            draw.ellipse([sx - 5, sy - 5, sx + 5, sy + 5], fill=THEME["slot"])
+            shapes.append(("dot", THEME["slot"], *slot_xy(n, slot, True)))
+    return shapes
+
+
+def thumbnail_fingerprint(ui: dict, size: int = THUMBNAIL_SIZE) -> str:
+    """sha256 of the thumbnail's shapes: stored in the JPEG's comment, compared by ``--check``."""
+    import hashlib
+
+    data = json.dumps([size, THEME, thumbnail_shapes(ui, size)], sort_keys=True, separators=(",", ":"))
+    return "dsd-thumbnail sha256:" + hashlib.sha256(data.encode()).hexdigest()
+
+
+def render_thumbnail(ui: dict, size: int = THUMBNAIL_SIZE):
+    """A picture of a UI workflow (PIL RGB image, ``size`` x ``size``), drawn at 2x from :func:`thumbnail_shapes`
+    with Pillow's built-in bitmap font only (no system fonts), then reduced."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    big = 2 * size
+    im = Image.new("RGB", (big, big), THEME["background"])
+    draw = ImageDraw.Draw(im)
+    for g in range(0, big, 64):
+        draw.line([(g, 0), (g, big)], fill=THEME["grid"])
+        draw.line([(0, g), (big, g)], fill=THEME["grid"])
+    font = ImageFont.load_default_imagefont() if hasattr(ImageFont, "load_default_imagefont") else ImageFont.load_default()
+
+    def text(x, y, s, colour, max_w):
+        """Bitmap text at 2x (nearest-neighbour), cut with '.' to ``max_w`` px."""
+        w, h = draw.textbbox((0, 0), s, font=font)[2:]
+        while s and w * 2 > max_w:
+            s = s[:-2] + "." if len(s) > 2 else ""
+            w, h = draw.textbbox((0, 0), s, font=font)[2:]
+        if not s:
+            return
+        tile = Image.new("L", (w + 1, h + 1), 0)
+        ImageDraw.Draw(tile).text((0, 0), s, fill=255, font=font)
+        tile = tile.resize((tile.width * 2, tile.height * 2), Image.NEAREST)
+        im.paste(Image.new("RGB", tile.size, colour), (x, y), tile)
+
+    for shape in thumbnail_shapes(ui, size):
+        kind = shape[0]
+        if kind == "link":
+            draw.line(shape[2], fill=shape[1], width=6)
+        elif kind == "box":
+            draw.rectangle(shape[3:7], fill=shape[1], outline=shape[2], width=2)
+        elif kind == "text":
+            text(shape[2], shape[3], shape[5], shape[1], shape[4])
+        else:
+            _, colour, x, y = shape
+            draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
     return im.resize((size, size), Image.LANCZOS)
 
 
-def encode_jpeg(image) -> bytes:
+def encode_jpeg(image, comment: str = "") -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90, optimize=False, progressive=False, subsampling=0)
+    image.save(buf, format="JPEG", quality=90, optimize=False, progressive=False, subsampling=0,
+               comment=comment.encode())
     return buf.getvalue()
 
 
-def same_picture(a: bytes, b: bytes) -> bool:
-    """Equal bytes, or equal pictures up to JPEG codec differences (another libjpeg gives other bytes)."""
-    if a == b:
-        return True
-    import numpy as np
+def thumbnail(ui: dict) -> bytes:
+    """The thumbnail JPEG of a UI workflow, its fingerprint in the JPEG comment."""
+    return encode_jpeg(render_thumbnail(ui), thumbnail_fingerprint(ui))
+
+
+def jpeg_comment(data: bytes) -> str | None:
     from PIL import Image
 
     try:
-        pa, pb = (np.asarray(Image.open(io.BytesIO(x)).convert("RGB"), dtype=np.int16) for x in (a, b))
+        with Image.open(io.BytesIO(data)) as im:
+            comment = im.info.get("comment", b"")
     except OSError:
-        return False
-    if pa.shape != pb.shape:
-        return False
-    # codec differences stay within a few levels (a quality 85 re-encode: < 64 everywhere); one changed letter of a
-    # title moves ~20 pixels by > 64
-    return int(np.abs(pa - pb).max()) <= 64
+        return None
+    return comment.decode("ascii", "replace") if isinstance(comment, bytes) else str(comment)
+
+
+def same_thumbnail(current: bytes, fresh: bytes) -> bool:
+    """Equal bytes, or (another Pillow/libjpeg encodes other bytes for the same drawing) equal fingerprints."""
+    return current == fresh or (jpeg_comment(current) or "") == jpeg_comment(fresh)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -377,7 +402,7 @@ def render() -> dict[str, bytes]:
         nodes, notes = build()
         ui = to_ui(nodes, notes)
         files[f"{name}.json"] = (json.dumps(ui, indent=2) + "\n").encode()
-        files[f"{name}.jpg"] = encode_jpeg(render_thumbnail(ui))
+        files[f"{name}.jpg"] = thumbnail(ui)
         files[f"{API_DIR}/{name}.json"] = (json.dumps(to_api(nodes), indent=2) + "\n").encode()
     return files
 
@@ -408,7 +433,7 @@ def main(argv=None) -> int:
     for name, data in files.items():
         path = os.path.join(HERE, name)
         current = open(path, "rb").read() if os.path.exists(path) else None
-        fresh = current is not None and (same_picture(current, data) if name.endswith(".jpg") else current == data)
+        fresh = current is not None and (same_thumbnail(current, data) if name.endswith(".jpg") else current == data)
         if not fresh:
             stale.append(name)
             if not args.check:
