@@ -29,8 +29,10 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 TRAIN_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
-def _f(default, help: str, choices=None, **kw):
+def _f(default, help: str, choices=None, const=None, **kw):
     meta = {"help": help}
+    if const is not None:
+        meta["const"] = const  # the flag may be given without a value
     if choices is not None:
         meta["choices"] = tuple(choices)
     if isinstance(default, (list, dict)):
@@ -63,7 +65,6 @@ class TrainConfig:
     dtype: str = _f("auto", "dtype of the frozen weights (auto: bfloat16 on GPU, float32 on CPU)", TRAIN_DTYPES)
     memory: str = _f("full", "memory preset of the frozen base (e.g. 24gb: fp8 transformer weights); see "
                              "`python -m dsd_core memory`")
-    device: str = _f("", "cuda / cpu / mps (default: what accelerate picks; always cpu with --cpu)")
     cpu: bool = _f(False, "train on the CPU even if a GPU is present (tests, tiny models)")
     local_files_only: bool = _f(False, "never download models")
     # optimisation
@@ -90,13 +91,13 @@ class TrainConfig:
     # checkpoints and logs
     checkpoint_every: int = _f(250, "write a checkpoint every N steps (and at the end)")
     keep_checkpoints: int = _f(3, "keep the last K checkpoints (0: keep all)")
-    resume: str = _f("", "resume: 'latest' (the newest checkpoint in OUTPUT/checkpoints) or a checkpoint folder")
+    resume: str = _f("", "resume: --resume alone or 'latest' (the newest checkpoint in OUTPUT/checkpoints; a fresh "
+                         "start if there is none yet), or a checkpoint folder", const="latest")
     validate_every: int = _f(250, "render validation images every M steps (0: never)")
     validation_steps: int = _f(28, "denoising steps of the validation images")
     log_every: int = _f(1, "write the loss every N steps to OUTPUT/logs/loss.csv (and TensorBoard if installed)")
     cache_dir: str = _f("", "where VAE latents and text embeddings are cached (default: DATA/.dsd_cache; reused "
                             "by later runs on the same data and models)")
-    num_workers: int = _f(0, "reserved: data is read from the cache in the main process")
 
     def __post_init__(self):
         check_choices(self)
@@ -143,15 +144,21 @@ def _parse_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *classes, title: str | None = None) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, *classes, title: str | None = None,
+                         seen: set | None = None) -> None:
     """Add one flag per field of each dataclass (``--max-steps``; booleans ``--flag`` / ``--no-flag``).
 
     Defaults are left out of the namespace (``argparse.SUPPRESS``) so that :func:`build_config` can tell a flag that
-    was given from one that was not, and let the YAML file fill the rest.
+    was given from one that was not, and let the YAML file fill the rest. Names already in ``seen`` are skipped (two
+    methods may share an option name; the value goes to whichever method runs).
     """
+    seen = set() if seen is None else seen
     for cls in classes:
         group = parser.add_argument_group(title or cls.__doc__.splitlines()[0] if cls.__doc__ else cls.__name__)
         for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
             help_text = f.metadata.get("help", "")
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text += f" (default: {default!r})"
@@ -161,6 +168,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, *classes, title: str |
                 group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
             elif t is list:
                 group.add_argument(flag(f.name), type=lambda s: [x for x in s.split(",") if x], **kw)
+            elif "const" in f.metadata:
+                group.add_argument(flag(f.name), type=t, nargs="?", const=f.metadata["const"], **kw)
             else:
                 if "choices" in f.metadata:
                     kw["choices"] = f.metadata["choices"]
@@ -214,12 +223,13 @@ def _coerce(value, t, name):
     return value
 
 
-def config_from_args(args: argparse.Namespace, *classes) -> list:
-    """Dataclasses from parsed flags plus the optional ``args.config`` YAML (flags win)."""
+def config_from_args(args: argparse.Namespace, *classes, ignore: tuple = ()) -> list:
+    """Dataclasses from parsed flags plus the optional ``args.config`` YAML (flags win); YAML keys in ``ignore``
+    are not options (e.g. ``method``)."""
     values: dict[str, Any] = {}
     cfg_file = getattr(args, "config", None)
     if cfg_file:
-        values.update(read_yaml(cfg_file))
+        values.update({k: v for k, v in read_yaml(cfg_file).items() if k not in ignore})
     names = {f.name for cls in classes for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
     return build_config(values, *classes, source=cfg_file or "the flags")

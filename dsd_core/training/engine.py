@@ -234,14 +234,12 @@ class Trainer:
         mp = self.config.mixed_precision
         if mp == "auto":
             mp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-        cpu = self.config.cpu or self.config.device == "cpu"
-        return Accelerator(mixed_precision=mp, cpu=cpu)
+        return Accelerator(mixed_precision=mp, cpu=self.config.cpu)
 
     def _frozen_dtype(self) -> torch.dtype:
         from ..loading import resolve_dtype
 
-        device = "cpu" if (self.config.cpu or self.config.device == "cpu" or not torch.cuda.is_available()) \
-            else (self.config.device or "cuda")
+        device = "cpu" if (self.config.cpu or not torch.cuda.is_available()) else "cuda"
         return resolve_dtype(None if self.config.dtype == "auto" else self.config.dtype, device)
 
     def _prepare_data(self):
