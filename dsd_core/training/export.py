@@ -86,3 +86,37 @@ def _save_full(transformer, folder: str, dtype: torch.dtype) -> None:
 
     save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
                           max_shard_size="5GB")
+
+
+def copy_model(source: str, destination: str, standalone: bool = False) -> str:
+    """Copy a trained DSD model folder (LoRA + ``transformer/``) to ``destination`` (replaced if it exists).
+
+    A linked ``transformer/`` keeps its link (a few kB are copied); ``standalone`` writes the full transformer
+    instead, so the copy no longer depends on the base transformer folder.
+    """
+    from ..transformer import DSDTransformer2DModel, read_transformer_link
+
+    source, destination = os.path.abspath(source), os.path.abspath(destination)
+    if source == destination:
+        return destination
+    lora = os.path.join(source, LORA_FILENAME)
+    src_transformer = os.path.join(source, TRANSFORMER_DIR)
+    if not (os.path.isfile(lora) and os.path.isdir(src_transformer)):
+        from ..errors import ModelNotFoundError
+
+        raise ModelNotFoundError(f"{source} is not a DSD model folder (needs {TRANSFORMER_DIR}/ and {LORA_FILENAME}).")
+    parent = os.path.dirname(destination)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-model-")
+    try:
+        shutil.copy2(lora, os.path.join(tmp, LORA_FILENAME))
+        if standalone and read_transformer_link(src_transformer) is not None:
+            model = DSDTransformer2DModel.from_pretrained(src_transformer)
+            model.save_pretrained(os.path.join(tmp, TRANSFORMER_DIR))
+        else:
+            shutil.copytree(src_transformer, os.path.join(tmp, TRANSFORMER_DIR))
+        replace_dir(tmp, destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return destination
