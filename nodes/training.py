@@ -75,7 +75,6 @@ class DSDTrainLoRA:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from dsd_core.memory.config import PRESETS
         from dsd_core.model_store import DEFAULT_BASE_NAME, list_base_models, list_dsd_models
         from dsd_core.training.config import LR_SCHEDULERS, OPTIMIZERS, TrainConfig
         from dsd_core.training.methods.dsd_lora import LORA_TARGET_PRESETS, DSDLoRAOptions
@@ -105,8 +104,9 @@ class DSDTrainLoRA:
                 "lora_targets": (list(LORA_TARGET_PRESETS), {"default": "attention", "tooltip": _help(O, "lora_targets")}),
                 "panel_size": ("INT", {"default": 512, "min": 16, "max": 1024, "step": 16,
                                        "tooltip": _help(T, "panel_size")}),
-                "memory": (list(PRESETS), {"default": "full", "tooltip": _help(T, "memory")}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": _help(T, "seed")}),
+                "base_weights": (["native", "fp8"], {"default": "native", "tooltip": _help(T, "base_weights")}),
+                "run_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                                     "tooltip": _help(T, "seed") + " Keep it when resuming."}),
                 "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from the newest checkpoint in the "
                                                                    "output folder if there is one."}),
             },
@@ -128,8 +128,8 @@ class DSDTrainLoRA:
         }
 
     def train(self, dataset, base, start_from, output_name, steps, learning_rate, batch_size, gradient_accumulation,
-              rank, alpha, lora_targets, panel_size, memory, seed, resume, checkpoint_every=250, validate_every=250,
-              validation_steps=28, optimizer="adamw", lr_scheduler="constant", gradient_checkpointing=True,
+              rank, alpha, lora_targets, panel_size, base_weights, run_seed, resume, checkpoint_every=250,
+              validate_every=250, validation_steps=28, optimizer="adamw", lr_scheduler="constant", gradient_checkpointing=True,
               condition_dropout=0.1, caption_dropout=0.1, dtype="auto"):
         import torch
 
@@ -146,7 +146,8 @@ class DSDTrainLoRA:
         roots = _comfy.folder_roots(_comfy.DSD_FOLDER)
         if not roots:
             raise InputError("ComfyUI has no models/dsd folder registered; restart ComfyUI with the pack installed.")
-        output = os.path.join(roots[0], name)
+        root = next((r for r in roots if os.path.isdir(r)), roots[0])  # an existing models/dsd folder first
+        output = os.path.join(root, name)
         base_dir = _resolve(base, _comfy.BASE_FOLDER, False, "base")
         source = {}
         if start_from == START_FROM_FLUX:
@@ -159,7 +160,7 @@ class DSDTrainLoRA:
             target_column=dataset["target_column"], caption_column=dataset["caption_column"],
             min_image_size=dataset["min_image_size"], base=base_dir, output=output, max_steps=steps,
             lr=learning_rate, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
-            panel_size=panel_size, memory=memory, seed=seed, resume="latest" if resume else "",
+            panel_size=panel_size, base_weights=base_weights, seed=run_seed, resume="latest" if resume else "",
             checkpoint_every=checkpoint_every, validate_every=validate_every, validation_steps=validation_steps,
             optimizer=optimizer, lr_scheduler=lr_scheduler, gradient_checkpointing=gradient_checkpointing,
             dtype=dtype, cpu=device.startswith("cpu"), local_files_only=True, **source)
@@ -196,7 +197,7 @@ class DSDTrainLoRA:
         if result.interrupted:
             _comfy.raise_interrupted()
         handle = LazyPipeline(PipelineSpec(base=base_dir, model=output, dtype=None if dtype == "auto" else dtype,
-                                           device=device, memory=memory))
+                                           device=device, memory="16gb" if base_weights == "fp8" else "full"))
         return (handle, {"steps": [s for s, _ in result.losses], "loss": [v for _, v in result.losses]},
                 output, result.step)
 
@@ -226,7 +227,8 @@ class DSDSaveTrainedModel:
         roots = _comfy.folder_roots(_comfy.DSD_FOLDER)
         if not name.strip() or "/" in name or os.sep in name or not roots:
             raise InputError(f"name {name!r} must be a plain folder name (saved under models/dsd).")
-        return (copy_model(model_folder, os.path.join(roots[0], name.strip()), standalone=standalone),)
+        root = next((r for r in roots if os.path.isdir(r)), roots[0])
+        return (copy_model(model_folder, os.path.join(root, name.strip()), standalone=standalone),)
 
 
 class DSDPlotLoss:

@@ -38,7 +38,7 @@ def comfy(tiny_model, tmp_path, monkeypatch):
 def _train(dataset, **kw):
     args = dict(base=DEFAULT_BASE_NAME, start_from="FLUX (fresh c_embedder + LoRA)", output_name="trained",
                 steps=4, learning_rate=1e-3, batch_size=2, gradient_accumulation=1, rank=4, alpha=4.0,
-                lora_targets="attention", panel_size=PANEL, memory="full", seed=0, resume=True, checkpoint_every=2,
+                lora_targets="attention", panel_size=PANEL, base_weights="native", run_seed=0, resume=True, checkpoint_every=2,
                 validate_every=2, validation_steps=2, gradient_checkpointing=False, dtype="float32")
     args.update(kw)
     return nodes.NODE_CLASS_MAPPINGS["DSDTrainLoRA"]().train(dataset, **args)

@@ -63,8 +63,13 @@ class TrainConfig:
     from_flux: str = _f("", "start from this plain FLUX transformer folder with a fresh zero c_embedder and a new LoRA")
     output: str = _f("", "output folder: becomes a DSD model folder; checkpoints/ and logs/ go inside")
     dtype: str = _f("auto", "dtype of the frozen weights (auto: bfloat16 on GPU, float32 on CPU)", TRAIN_DTYPES)
-    memory: str = _f("full", "memory preset of the frozen base (e.g. 24gb: fp8 transformer weights); see "
-                             "`python -m dsd_core memory`")
+    memory: str = _f("full", "memory preset of the frozen model (see `python -m dsd_core memory`); training uses its "
+                             "weight storage only (no offload, LoRA unfused)")
+    base_weights: str = _f("", "storage of the frozen transformer weights, overriding the preset's: native, fp8 "
+                               "(float8, upcast per layer), int8 / int4 (torchao), nf4 (bitsandbytes, CUDA)",
+                           ("", "native", "fp8", "int8", "int4", "nf4"))
+    text_encoder_weights: str = _f("", "storage of the frozen T5/CLIP weights, overriding the preset's: native or fp8",
+                                   ("", "native", "fp8"))
     cpu: bool = _f(False, "train on the CPU even if a GPU is present (tests, tiny models)")
     local_files_only: bool = _f(False, "never download models")
     # optimisation
@@ -249,8 +254,8 @@ def write_config(path: str, *configs) -> None:
     atomic_write_text(path, json.dumps(to_dict(*configs), indent=2, sort_keys=True) + "\n")
 
 
-def example_yaml(*classes) -> str:
-    """A commented YAML with every option at its default (the source of configs/train_dsd.example.yaml)."""
+def example_yaml(*classes, values: dict | None = None) -> str:
+    """A commented YAML with every option: its help, its choices, and its value (``values`` or the default)."""
     import yaml
 
     lines = []
@@ -258,6 +263,7 @@ def example_yaml(*classes) -> str:
         lines.append(f"# ---- {cls.__doc__.splitlines()[0] if cls.__doc__ else cls.__name__}")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = (values or {}).get(f.name, default)
             lines.append(f"# {f.metadata.get('help', '')}")
             if "choices" in f.metadata:
                 lines.append(f"#   choices: {', '.join(map(str, f.metadata['choices']))}")

@@ -39,6 +39,9 @@ def estimate_dsd_training(config, options) -> TrainingEstimate:
     from ..memory.estimator import (CUDA_CONTEXT_GIB, component_sizes, denoise_activation_bytes, lora_params)
 
     memory = resolve_memory(config.memory)
+    storage = {k: v for k, v in (("transformer_weights", config.base_weights),
+                                 ("text_encoder_weights", config.text_encoder_weights)) if v}
+    memory = memory.replace(**storage) if storage else memory
     sizes = component_sizes()
     fmt = {"native": "bf16"}.get(memory.transformer_weights, memory.transformer_weights)
     if fmt == "gguf":

@@ -129,6 +129,9 @@ class DSDLoRAMethod(TrainingMethod):
             raise InputError("pass exactly one starting point: --model DSD_DIR (continue from DSD weights) or "
                              "--from-flux FLUX_TRANSFORMER_DIR (fresh c_embedder and LoRA).")
         memory = resolve_memory(c.memory)
+        storage = {k: v for k, v in (("transformer_weights", c.base_weights),
+                                     ("text_encoder_weights", c.text_encoder_weights)) if v}
+        memory = memory.replace(**storage) if storage else memory
         if memory.offload != "none" or memory.fuse_lora or memory.release_text_encoders:
             memory = memory.replace(offload="none", fuse_lora=False, release_text_encoders=False)
             logger.warning("training keeps the model on the device with an unfused LoRA; the memory preset's "
@@ -168,6 +171,9 @@ class DSDLoRAMethod(TrainingMethod):
         for name, p in transformer.named_parameters():
             if "lora_" in name and f".{ADAPTER}." in name:
                 p.requires_grad_(True)
+        if type(transformer.c_embedder.weight.data) is not torch.Tensor:
+            raise DSDError(f"base_weights={memory.transformer_weights!r} quantizes c_embedder too, which DSD trains; "
+                           "use base_weights native or fp8 (fp8 keeps c_embedder and the LoRA in full precision).")
         transformer.c_embedder.requires_grad_(o.train_c_embedder)
         for p in transformer.parameters():  # trainable weights in float32 (the frozen base keeps its dtype)
             if p.requires_grad:
