@@ -179,7 +179,7 @@ def test_progress_validation_and_checkpoints(trained):
     assert names == ["step-00000010", "step-00000020", "step-00000030"]  # keep_checkpoints=3
 
 
-def test_output_is_a_dsd_model_folder(trained, tiny_model):
+def test_output_is_a_dsd_model_folder(trained, tiny_model, tmp_path):
     """generate --model OUTPUT loads the trained LoRA and c_embedder (linked, not copied) and reproduces the
     in-memory model; diffusers' load_lora_weights reads the LoRA with its alpha."""
     from safetensors import safe_open
@@ -213,6 +213,17 @@ def test_output_is_a_dsd_model_folder(trained, tiny_model):
     plain.load_lora_weights(out)
     got2 = plain(image, CAPTION, height=PANEL, width=2 * PANEL, num_inference_steps=3, seed=1, output_type="pt").images
     torch.testing.assert_close(got2, expected, rtol=1e-4, atol=1e-4)
+
+    # a standalone copy carries the full transformer and loads without the base transformer folder
+    from dsd_core.training.export import copy_model
+
+    standalone = copy_model(out, str(tmp_path / "standalone"), standalone=True)
+    assert LINK_FILE not in os.listdir(os.path.join(standalone, "transformer"))
+    alone = load_pipeline(base=tiny_model["base"], model=standalone, dtype="float32", device="cpu",
+                          local_files_only=True)
+    alone.set_progress_bar_config(disable=True)
+    got3 = alone(image, CAPTION, height=PANEL, width=2 * PANEL, num_inference_steps=3, seed=1, output_type="pt").images
+    torch.testing.assert_close(got3, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_generate_cli_accepts_the_output(trained, tiny_model, tmp_path):
@@ -472,6 +483,29 @@ def test_example_config_lists_every_option():
     assert values.pop("method") == "dsd-lora"
     config, options = build_config(values, TrainConfig, DSDLoRAOptions)
     assert (config.base_weights, config.from_flux, options.rank) == ("fp8", "FLUX.1-dev/transformer", 32)
+
+
+def test_optimizer_choices_and_memory_estimate(tiny_model, pairs, tmp_path):
+    import importlib.util
+
+    from dsd_core.errors import DSDError
+    from dsd_core.training.engine import build_optimizer
+    from dsd_core.training.memory_estimate import estimate_dsd_training
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for name in ("adamw", "adafactor", "sgd"):
+        assert build_optimizer(make_config(tiny_model, pairs, tmp_path, optimizer=name), params) is not None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(DSDError, match="pip install bitsandbytes"):
+            build_optimizer(make_config(tiny_model, pairs, tmp_path, optimizer="adamw8bit"), params)
+    # full size, the documented defaults: fp8 base, rank 32, batch 1, 512x1024, AdamW, checkpointing
+    cfg = TrainConfig(data="d", output="o", from_flux="f", base_weights="fp8")
+    est = estimate_dsd_training(cfg, DSDLoRAOptions())
+    assert 15 < est.peak_gib < 24 and 10 < est.frozen_gib < 22, est.summary()
+    bigger = estimate_dsd_training(TrainConfig(data="d", output="o", from_flux="f", gradient_checkpointing=False),
+                                   DSDLoRAOptions(rank=512))
+    assert bigger.peak_gib > est.peak_gib + 10 and bigger.trainable_params == 16 * (est.trainable_params - 64 * 3072
+                                                                                     - 3072) + 64 * 3072 + 3072
 
 
 def test_state_tree_round_trip(tmp_path):

@@ -37,7 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 EXAMPLE_HEADER = """\
 # Example configuration of `python -m dsd_core train --config train_dsd.example.yaml` (method dsd-lora).
 # Every key is also a flag (max_steps -> --max-steps); flags given on the command line override this file.
-# Settings for one 24 GB GPU: fp8 frozen transformer, rank 32, batch 1 x 4 accumulation, gradient checkpointing.
+# Settings for one 24 GB GPU (estimated peak ~18 GiB): fp8 frozen transformer and text encoders, rank 32, batch
+# 1 x 4 accumulation, gradient checkpointing.
 # The paper trained rank 512, effective batch 160, lr 1e-4, 100k steps on 8x H100 80 GB.
 # Regenerate with: python -m dsd_core train --print-example-config > dsd_core/training/train_dsd.example.yaml
 method: dsd-lora
@@ -45,7 +46,8 @@ method: dsd-lora
 """
 #: The example's values that differ from the defaults.
 EXAMPLE_VALUES = {"data": "my_pairs/", "output": "models/dsd/my_dsd", "from_flux": "FLUX.1-dev/transformer",
-                  "base": "FLUX.1-dev", "base_weights": "fp8", "max_steps": 2000, "gradient_accumulation": 4}
+                  "base": "FLUX.1-dev", "base_weights": "fp8", "text_encoder_weights": "fp8", "max_steps": 2000,
+                  "gradient_accumulation": 4}
 
 
 def example_config() -> str:
