@@ -33,7 +33,6 @@ import contextlib
 import csv
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -243,7 +242,6 @@ class Trainer:
         return resolve_dtype(None if self.config.dtype == "auto" else self.config.dtype, device)
 
     def _prepare_data(self):
-        from .cache import TensorCache
         from .data import load_pairs, validate_pairs
 
         c = self.config

@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -180,6 +180,7 @@ class DSDLoRAMethod(TrainingMethod):
                 p.data = p.data.float()
         self.transformer = transformer
         self.device = torch.device(device)
+        self.dtype = dtype
         with torch.no_grad():
             empty, empty_pooled, _ = pipe.encode_text("", self.device, o.max_sequence_length)
         self.empty_embeds, self.empty_pooled = empty.cpu(), empty_pooled.cpu()
@@ -277,7 +278,7 @@ class DSDLoRAMethod(TrainingMethod):
 
         o, c = self.options, self.config
         dev = self.device
-        frozen_dtype = next(p for p in self.transformer.parameters() if not p.requires_grad).dtype
+        frozen_dtype = self.dtype  # the compute dtype of the frozen model (fp8 storage is upcast to it)
         n = batch["canvas_posterior"].shape[0]
         height, width = c.panel_size, 2 * c.panel_size
         x0, _ = self.latents_from_posterior(batch["canvas_posterior"].float(), generator)
@@ -352,18 +353,12 @@ class DSDLoRAMethod(TrainingMethod):
 
         lora, lora_config = self.lora_state()
         c_embedder = {k: v.detach().cpu() for k, v in self.transformer.c_embedder.state_dict().items()}
-        frozen = next(p for p in self.transformer.parameters() if not p.requires_grad).dtype
         save_dsd_model(output_dir, lora, lora_config, c_embedder, base_transformer=self.source_transformer,
                        transformer_config=dict(self.transformer.config),
-                       standalone=self.options.export_full_transformer,
-                       dtype=frozen if frozen.is_floating_point and frozen.itemsize >= 2 else torch.bfloat16)
+                       standalone=self.options.export_full_transformer, dtype=self.dtype)
 
     def validation_images(self, records, step: int) -> list:
         """One image per pair: reference | target | generated (the right panel, seed ``validation_seed``)."""
-        import PIL.Image
-
-        from ...image import prepare_reference
-
         size = self.config.panel_size
         out = []
         self._encoders_to(self.device)
