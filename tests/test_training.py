@@ -256,30 +256,36 @@ def _state(method) -> dict:
 
 
 def test_resume_continues_exactly(tiny_model, pairs, tmp_path):
-    """Stop at step 3 (a cancel: checkpoint written), resume to step 6: same losses and weights as one run."""
+    """Cancel at step 2, resume, Ctrl-C (SIGINT) at step 4, resume to step 6: the same losses and weights as one
+    uninterrupted run, each stop having written its checkpoint."""
     full_cfg = make_config(tiny_model, pairs, tmp_path / "full", gradient_accumulation=2, checkpoint_every=0)
     full = make_method(full_cfg)
     full_result = Trainer(full_cfg, full, progress_bar=False).train()
 
     cut_cfg = make_config(tiny_model, pairs, tmp_path / "cut", gradient_accumulation=2, checkpoint_every=0)
-    cut = make_method(cut_cfg)
 
     def cancel(progress):
-        if progress.step == 3:
+        if progress.step == 2:
             raise TrainingCancelled("user pressed cancel")
 
-    first = Trainer(cut_cfg, cut, callback=cancel, progress_bar=False).train()
-    assert first.interrupted and first.step == 3
-    assert os.path.basename(first.last_checkpoint) == "step-00000003"
+    first = Trainer(cut_cfg, make_method(cut_cfg), callback=cancel, progress_bar=False).train()
+    assert first.interrupted and first.step == 2
+    assert os.path.basename(first.last_checkpoint) == "step-00000002"
     assert not os.path.exists(os.path.join(tmp_path / "cut", "transformer"))  # no export of a stopped run
 
     resume_cfg = make_config(tiny_model, pairs, tmp_path / "cut", gradient_accumulation=2, checkpoint_every=0,
                              resume="latest")
+
+    def ctrl_c(progress):
+        if progress.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; the engine saves and stops after this step
+
+    second = Trainer(resume_cfg, make_method(resume_cfg), callback=ctrl_c, progress_bar=False).train()
+    assert second.interrupted and os.path.basename(second.last_checkpoint) == "step-00000004"
     resumed = make_method(resume_cfg)
-    second = Trainer(resume_cfg, resumed, progress_bar=False).train()
-    assert second.step == 6 and not second.interrupted
-    a, b = np.array(full_result.losses), np.array(second.losses)
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    third = Trainer(resume_cfg, resumed, progress_bar=False).train()
+    assert third.step == 6 and not third.interrupted
+    np.testing.assert_allclose(np.array(third.losses), np.array(full_result.losses), rtol=1e-5, atol=1e-6)
     sa, sb = _state(full), _state(resumed)
     assert sa.keys() == sb.keys()
     for k in sa:

@@ -333,8 +333,7 @@ class Trainer:
                 if c.validate_every and (step % c.validate_every == 0 or step == c.max_steps):
                     images = self._validate(validation_records, step, output)
                     last_images = images or last_images
-                stop = self._stop_now()
-                if stop or (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.max_steps:
+                if (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.max_steps:
                     ckpt = last_ckpt = self._save_checkpoint(output, step, optimizer, scheduler, generator, plan)
                 if bar is not None:
                     bar.update(1)
@@ -346,15 +345,14 @@ class Trainer:
                         self.callback(progress)
                     except TrainingCancelled:
                         self._stop_requested = True
-                        stop = True
-                        if ckpt is None:
-                            last_ckpt = self._save_checkpoint(output, step, optimizer, scheduler, generator, plan)
-                if stop or self._stop_requested:
-                    interrupted = step < c.max_steps
-                    if interrupted:
-                        if acc.is_main_process:
-                            print(f"stopped at step {step}; checkpoint {last_ckpt} (continue with --resume latest)")
-                        break
+                # SIGINT, cancel or should_stop(): every process stops after this step, with a checkpoint
+                if self._stop_now() and step < c.max_steps:
+                    if ckpt is None:
+                        last_ckpt = self._save_checkpoint(output, step, optimizer, scheduler, generator, plan)
+                    interrupted = True
+                    if acc.is_main_process:
+                        print(f"stopped at step {step}; checkpoint {last_ckpt} (continue with --resume)")
+                    break
         if bar is not None:
             bar.close()
         loss_log.close()
