@@ -418,11 +418,21 @@ def test_hugging_face_parquet_with_column_mapping(tmp_path, pairs):
                          "text": f"caption {i}", "source": "laion"})
     os.makedirs(tmp_path / "data")
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / "train-00000.parquet")
+    # an Arrow file as `datasets` writes it, with image paths relative to the file
+    arrow_rows = [{"conditioning": os.path.join(pairs, f"ref_{i}.png"), "image": os.path.join(pairs, f"tgt_{i}.png"),
+                   "text": f"arrow {i}", "source": "local"} for i in range(3, 5)]
+    table = pa.Table.from_pylist(arrow_rows)
+    with pa.OSFile(str(tmp_path / "data" / "data-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
     records = load_pairs(str(tmp_path / "data"), "conditioning", "image", "text")
-    assert [r.caption for r in records] == ["caption 0", "caption 1", "caption 2"]
-    assert records[1].extra == {"source": "laion"} and records[1].name == "train-00000.parquet row 1"
+    assert [r.caption for r in records] == ["arrow 3", "arrow 4", "caption 0", "caption 1", "caption 2"]
+    assert records[3].extra == {"source": "laion"} and records[3].name == "train-00000.parquet row 1"
+    assert type(records[3].reference).__name__ == "ArrowCell"  # image bytes stay on disk until used
+    assert records[0].reference == os.path.join(pairs, "ref_3.png")
     validate_pairs(records, min_size=PANEL)
-    assert records[0].open("target").size == (PANEL, PANEL)
+    assert records[3].open("target").size == (PANEL, PANEL)
+    with open(os.path.join(pairs, "tgt_1.png"), "rb") as fh:
+        assert records[3].open("target").tobytes() == PIL.Image.open(fh).convert("RGB").tobytes()
     with pytest.raises(InputError, match="no column 'reference'"):
         load_pairs(str(tmp_path / "data"))
 

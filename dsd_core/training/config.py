@@ -70,6 +70,7 @@ class TrainConfig:
                            ("", "native", "fp8", "int8", "int4", "nf4"))
     text_encoder_weights: str = _f("", "storage of the frozen T5/CLIP weights, overriding the preset's: native or fp8",
                                    ("", "native", "fp8"))
+    device: str = _f("", "cpu to force the CPU (like --cpu); otherwise accelerate places each process on its GPU")
     cpu: bool = _f(False, "train on the CPU even if a GPU is present (tests, tiny models)")
     local_files_only: bool = _f(False, "never download models")
     # optimisation
@@ -101,6 +102,8 @@ class TrainConfig:
     validate_every: int = _f(250, "render validation images every M steps (0: never)")
     validation_steps: int = _f(28, "denoising steps of the validation images")
     log_every: int = _f(1, "write the loss every N steps to OUTPUT/logs/loss.csv (and TensorBoard if installed)")
+    num_workers: int = _f(0, "kept for config compatibility: items come from the encoded cache in memory, so there "
+                             "is no loading to parallelise")
     cache_dir: str = _f("", "where VAE latents and text embeddings are cached (default: DATA/.dsd_cache; reused "
                             "by later runs on the same data and models)")
 

@@ -233,12 +233,13 @@ class Trainer:
         mp = self.config.mixed_precision
         if mp == "auto":
             mp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-        return Accelerator(mixed_precision=mp, cpu=self.config.cpu)
+        return Accelerator(mixed_precision=mp, cpu=self.config.cpu or self.config.device == "cpu")
 
     def _frozen_dtype(self) -> torch.dtype:
         from ..loading import resolve_dtype
 
-        device = "cpu" if (self.config.cpu or not torch.cuda.is_available()) else "cuda"
+        cpu = self.config.cpu or self.config.device == "cpu" or not torch.cuda.is_available()
+        device = "cpu" if cpu else "cuda"
         return resolve_dtype(None if self.config.dtype == "auto" else self.config.dtype, device)
 
     def _prepare_data(self):

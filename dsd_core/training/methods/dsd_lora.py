@@ -226,18 +226,28 @@ class DSDLoRAMethod(TrainingMethod):
                 "prompt_embeds": embeds.cpu(), "pooled": pooled.cpu()}
 
     def after_encoding(self) -> None:
-        """Text embeddings are cached now: on a GPU the text encoders wait in host memory (back only for
-        validation prompts), which frees ~9.5 GiB at full size for training."""
-        self._encoders_to("cpu")
+        """Text embeddings are cached now: on a GPU the text encoders wait in host memory, which frees ~9.5 GiB at
+        full size for training. A pre-forward hook brings an encoder back to the GPU when a prompt is encoded again
+        (validation images); :meth:`validation_images` sends them back afterwards."""
+        if self.device.type != "cuda":
+            return
+        for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
+            if encoder is not None and not getattr(encoder, "_dsd_onload_hook", False):
+                encoder.register_forward_pre_hook(self._onload)
+                encoder._dsd_onload_hook = True
+        self._offload_encoders()
 
-    def _encoders_to(self, device) -> None:
+    def _onload(self, module, args) -> None:
+        if next(module.parameters()).device != self.device:
+            module.to(self.device)
+
+    def _offload_encoders(self) -> None:
         if self.device.type != "cuda":
             return
         for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
             if encoder is not None:
-                encoder.to(device)
-        if str(device) == "cpu":
-            torch.cuda.empty_cache()
+                encoder.to("cpu")
+        torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ objective
     def latents_from_posterior(self, parameters: torch.Tensor, generator, sampling: str = "sample"):
@@ -278,7 +288,7 @@ class DSDLoRAMethod(TrainingMethod):
 
         o, c = self.options, self.config
         dev = self.device
-        frozen_dtype = self.dtype  # the compute dtype of the frozen model (fp8 storage is upcast to it)
+        frozen_dtype = self.compute_dtype()
         n = batch["canvas_posterior"].shape[0]
         height, width = c.panel_size, 2 * c.panel_size
         x0, _ = self.latents_from_posterior(batch["canvas_posterior"].float(), generator)
@@ -315,6 +325,13 @@ class DSDLoRAMethod(TrainingMethod):
             rows, cols = height // 16, width // 16
             err = err.view(n, rows, cols, -1)[:, :, cols // 2:]
         return err.mean()
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the frozen model computes in (fp8 storage is upcast to it): the one :meth:`load` was given."""
+        dtype = self.__dict__.get("dtype")
+        if dtype is None:  # a subclass with its own load(): the compute dtype of x_embedder (never fp8-stored)
+            dtype = self.transformer.x_embedder.weight.dtype
+        return dtype
 
     def tokens_per_sample(self) -> int:
         from ... import canvas as cv
@@ -355,18 +372,15 @@ class DSDLoRAMethod(TrainingMethod):
         c_embedder = {k: v.detach().cpu() for k, v in self.transformer.c_embedder.state_dict().items()}
         save_dsd_model(output_dir, lora, lora_config, c_embedder, base_transformer=self.source_transformer,
                        transformer_config=dict(self.transformer.config),
-                       standalone=self.options.export_full_transformer, dtype=self.dtype)
+                       standalone=self.options.export_full_transformer, dtype=self.compute_dtype())
 
     def validation_images(self, records, step: int) -> list:
         """One image per pair: reference | target | generated (the right panel, seed ``validation_seed``)."""
         size = self.config.panel_size
-        out = []
-        self._encoders_to(self.device)
         try:
-            out = self._render(records, size)
+            return self._render(records, size)
         finally:
-            self._encoders_to("cpu")
-        return out
+            self._offload_encoders()
 
     def _render(self, records, size) -> list:
         import PIL.Image
