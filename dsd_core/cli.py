@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_tiny(sub)
     _add_memory(sub)
+    from .training import cli as train_cli  # `train`: its own module (add_parser / run)
+
+    train_cli.add_parser(sub)
     return parser
 
 
@@ -263,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        if args.command == "train":
+            from .training import cli as train_cli
+
+            return train_cli.run(args)
         return {"generate": run_generate, "tiny-model": run_tiny, "memory": run_memory}[args.command](args)
     except (DSDError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

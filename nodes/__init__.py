@@ -21,6 +21,7 @@ _MODULES = {
     "image_prep": (("DSDImagePrep",), ()),
     "sampler": (("DSDSampler",), _CORE),
     "prompt_enhancer": (("DSDPromptEnhancer",), ()),
+    "training": (("DSDTrainingDataset", "DSDTrainLoRA", "DSDSaveTrainedModel", "DSDPlotLoss"), _CORE),
 }
 
 NODE_CLASS_MAPPINGS: dict = {}
