@@ -21,6 +21,8 @@ _MODULES = {
     "image_prep": (("DSDImagePrep",), ()),
     "sampler": (("DSDSampler",), _CORE),
     "prompt_enhancer": (("DSDPromptEnhancer",), ()),
+    "native": (("DSDApplyNative", "DSDTextEncode", "DSDNativeConditioning", "DSDGuider", "DSDScheduler",
+                "DSDSplitCanvas"), _CORE),
 }
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -6,7 +6,8 @@ ComfyUI under its own name (``diffusion_models`` also as ``unet``, ``text_encode
 tiny DSD model set under the standard names the shipped workflows use: ``dsd/dsd_model`` and
 ``diffusers/FLUX.1-dev``, and again as single files (``diffusion_models/dsd_transformer.safetensors``,
 ``loras/dsd_lora.safetensors``, ``text_encoders/clip_l.safetensors`` + ``t5xxl_fp16.safetensors``, ``vae/ae.safetensors``,
-tiny tokenizers in ``dsd/tokenizers``). Runs in the pytest process: keep ComfyUI imports out of it.
+tiny tokenizers in ``dsd/tokenizers``), and the head-128 set of ``dsd_core.tiny.write_tiny_native_files`` that
+ComfyUI's own ``UNETLoader`` reads (``diffusion_models/dsd_transformer_h128.safetensors`` ...). Runs in the pytest process: keep ComfyUI imports out of it.
 
 ``server_environment(root)`` returns extra environment variables for the server process: a Gemini API key that
 must never leak, pointed at a fake Gemini server on 127.0.0.1 (``FAKE_GEMINI``) started for the session.
@@ -33,7 +34,7 @@ FAKE_GEMINI = None
 def populate_models(models_dir: Path) -> None:
     """Write the tiny DSD model set as models/dsd/dsd_model and models/diffusers/FLUX.1-dev."""
     from dsd_core.model_store import DEFAULT_BASE_NAME, DEFAULT_MODEL_NAME
-    from dsd_core.tiny import write_tiny_comfy_files, write_tiny_model
+    from dsd_core.tiny import write_tiny_comfy_files, write_tiny_model, write_tiny_native_files
 
     parts = write_tiny_model(str(models_dir / ".tiny"))
     shutil.move(parts["model"], models_dir / "dsd" / DEFAULT_MODEL_NAME)
@@ -41,6 +42,31 @@ def populate_models(models_dir: Path) -> None:
     shutil.move(parts["reference"], models_dir / "reference.png")
     shutil.rmtree(models_dir / ".tiny")
     write_tiny_comfy_files(str(models_dir))  # the same weights as ComfyUI single files
+    native = write_tiny_native_files(str(models_dir))  # head-128 set that ComfyUI's own FLUX loader reads
+    populate_native_names(models_dir, native)
+
+
+#: The files the shipped native workflows name, as the engine models folder has them (head-128 tiny set; the
+#: DSD transformer and DSD LoRA names belong to the DSDFilesLoader workflow's head-16 set, so the native engine
+#: tests point those two at the *_h128 files).
+NATIVE_WORKFLOW_FILES = {"flux1-dev": "diffusion_models/flux1-dev.safetensors",
+                         "c_embedder": "dsd/dsd_c_embedder.safetensors",
+                         "style_lora": "loras/flux_style_lora.safetensors"}
+
+
+def populate_native_names(models_dir: Path, native: dict) -> None:
+    """FLUX.1-dev in BFL layout (what users have), the extracted c_embedder patch, a style LoRA."""
+    from safetensors.torch import load_file
+
+    from dsd_core.native import extract_c_embedder
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from single_file_convert import transformer_to_bfl, write
+
+    write(models_dir / NATIVE_WORKFLOW_FILES["flux1-dev"],
+          transformer_to_bfl(load_file(native["base_transformer"])))
+    extract_c_embedder(native["transformer"], models_dir / NATIVE_WORKFLOW_FILES["c_embedder"])
+    shutil.copy(native["extra_lora"], models_dir / NATIVE_WORKFLOW_FILES["style_lora"])
 
 
 def server_environment(root: Path) -> dict:
