@@ -53,21 +53,25 @@ def load_c_embedder(path: str):
 
 
 def _effective_img_in_shape(model, key: str):
-    weight = model.get_model_object(key)
-    shape = tuple(weight.shape)
-    patches = model.patches.get(key)
-    if patches:
-        try:
-            import comfy.lora
+    """``img_in.weight``'s shape after this MODEL's patches (from the config: the live tensor may hold another clone's
+    patched weight while that clone is loaded)."""
+    import torch
 
-            shape = tuple(comfy.lora.calculate_shape(patches, weight, key))
-        except (ImportError, AttributeError):
-            pass
-        for p in patches:  # older ComfyUI: look for a padded diff directly
-            v = p[1]
-            if isinstance(v, tuple) and len(v) == 2 and v[0] == "diff" and len(v[1]) > 1 and \
-                    isinstance(v[1][1], dict) and v[1][1].get("pad_weight"):
-                shape = tuple(v[1][0].shape)
+    cfg = model.model.model_config.unet_config
+    patch = cfg.get("patch_size", 2)
+    shape = (cfg["hidden_size"], cfg["in_channels"] * patch * patch)
+    for p in model.patches.get(key, ()):
+        v = p[1]
+        if isinstance(v, tuple) and len(v) == 2 and v[0] == "diff" and len(v[1]) > 1 and \
+                isinstance(v[1][1], dict) and v[1][1].get("pad_weight"):
+            shape = tuple(v[1][0].shape)
+        elif not isinstance(v, tuple):  # weight adapters (e.g. a control LoRA's reshape_weight)
+            try:
+                import comfy.lora
+
+                shape = tuple(comfy.lora.calculate_shape([p], torch.empty(shape, device="meta"), key))
+            except Exception:  # noqa: BLE001 - older ComfyUI: no adapters that change shapes
+                pass
     return shape
 
 

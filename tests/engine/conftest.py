@@ -245,6 +245,9 @@ class EngineServer:
         # newer ComfyUI only: no API (cloud) nodes, no sqlite file / user dir inside the checkout
         if self._supports("--disable-api-nodes"):
             args.append("--disable-api-nodes")
+        # SDPA like diffusers (ComfyUI's CPU default is its chunked attention: ~10x slower on the native FLUX tests)
+        if self._supports("--use-pytorch-cross-attention"):
+            args.append("--use-pytorch-cross-attention")
         if self._supports("--user-directory"):
             args += ["--user-directory", str(self.root / "user")]
         if self._supports("--database-url"):
