@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 
+from . import native_cli
 from .errors import DSDError
 
 logger = logging.getLogger("dsd_core")
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_tiny(sub)
     _add_memory(sub)
+    native_cli.add_parser(sub)  # extract-c-embedder, compare-transformers
     return parser
 
 
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        if args.command in native_cli.COMMANDS:
+            return native_cli.run(args)
         return {"generate": run_generate, "tiny-model": run_tiny, "memory": run_memory}[args.command](args)
     except (DSDError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

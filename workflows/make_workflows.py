@@ -240,13 +240,13 @@ def native_true_guidance() -> tuple[list[Node], list[tuple]]:
 def native_fp8_lora_stack() -> tuple[list[Node], list[tuple]]:
     notes = [((40, -240), (700, 250),
               "DSD with fp8 weights and your own LoRAs\n\n"
-              "UNETLoader loads the DSD transformer file stored as fp8 (half the memory; a GGUF loader works the same "
-              "way); DSD Apply reads c_embedder from that same file.\n"
+              "UNETLoader loads the DSD transformer file and stores it as fp8 (half the memory; a GGUF loader works the "
+              "same way; ComfyUI ignores the file's c_embedder, DSD Apply adds it from the patch or from this same "
+              "file).\n"
               "Your LoRAs stack after the DSD LoRA with LoraLoaderModelOnly as in any FLUX workflow; keep their "
               "strength moderate, DSD's identity comes from its own LoRA.")]
     return native_graph("dsd_native_fp8_loras", "this character as a watercolor painting", 7, 1.0,
                         unet="dsd_transformer.safetensors", weight_dtype="fp8_e4m3fn",
-                        c_embedder="dsd_transformer.safetensors",
                         style_loras=[("flux_style_lora.safetensors", 0.6)]), notes
 
 
