@@ -100,13 +100,16 @@ def python_problem(spec: "EngineSpec") -> str | None:
         if not req.is_file():
             _PYTHON_OK[key] = None
         else:
-            try:
-                r = subprocess.run([spec.python, "-c", _CHECK_PYTHON, str(req), *_UI_ONLY], capture_output=True,
-                                   text=True, timeout=120)
-                out = (r.stdout.strip() or r.stderr.strip().splitlines()[-1:] or [""])
-                _PYTHON_OK[key] = None if r.returncode == 0 else "".join(out)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                _PYTHON_OK[key] = f"{spec.python} does not run: {e}"
+            for attempt in range(2):  # a second try: a loaded machine can fail to map torch's libraries once
+                try:
+                    r = subprocess.run([spec.python, "-c", _CHECK_PYTHON, str(req), *_UI_ONLY], capture_output=True,
+                                       text=True, timeout=180)
+                    out = (r.stdout.strip() or "".join(r.stderr.strip().splitlines()[-1:]))
+                    _PYTHON_OK[key] = None if r.returncode == 0 else out or f"exit code {r.returncode}"
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    _PYTHON_OK[key] = f"{spec.python} does not run: {e}"
+                if _PYTHON_OK[key] is None or _PYTHON_OK[key].startswith("missing packages"):
+                    break
     return _PYTHON_OK[key]
 
 
