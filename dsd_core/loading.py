@@ -268,9 +268,9 @@ def load_flux_pipeline(
     transformer_dir = os.path.join(base_dir, TRANSFORMER_DIR)
     qc = quantization_config(memory, torch_dtype, device, transformer_dir)
     try:
-        dit = FluxTransformer2DModel.from_pretrained(transformer_dir, torch_dtype=torch_dtype,
+        dit = FluxTransformer2DModel.from_pretrained(transformer_dir, dtype=torch_dtype,
                                                      **({"quantization_config": qc} if qc is not None else {}))
-        pipe = FluxPipeline.from_pretrained(base_dir, transformer=dit, torch_dtype=torch_dtype, local_files_only=True)
+        pipe = FluxPipeline.from_pretrained(base_dir, transformer=dit, dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ModelFormatError(f"could not load plain FLUX from {base_dir}: {e}") from e
     apply_memory(pipe, memory, device)
