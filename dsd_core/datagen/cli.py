@@ -73,7 +73,7 @@ def run(args) -> int:
     from .run import Hooks, _process_state, run_datagen
 
     cfg = config_from_args(args)
-    state = _process_state()
+    state = _process_state(cfg.device)
     summary = run_datagen(cfg, hooks=Hooks(progress=_progress(args.quiet, state.is_local_main_process)),
                           state=state)
     if summary is not None:

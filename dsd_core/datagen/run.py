@@ -50,11 +50,13 @@ class Hooks:
             fn(*args)
 
 
-def _process_state():
-    """accelerate's process state (a single process when not launched by accelerate)."""
+def _process_state(device: str | None = None):
+    """accelerate's process state (a single process when not launched by accelerate). Without CUDA (or with device
+    cpu) the processes talk over gloo on the CPU (accelerate's MULTI_CPU)."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
 def plan_prompts(cfg: DatagenConfig, writer=None, progress=None) -> list[GridPrompt]:
@@ -95,7 +97,7 @@ def run_datagen(cfg: DatagenConfig, pipe=None, hooks: Hooks | None = None, state
         raise InputError("no output folder given; pass --out DIR.")
     if not cfg.captions:
         raise InputError("no captions file given; pass --captions FILE (one seed caption a line).")
-    state = state or _process_state()
+    state = state or _process_state(cfg.device)
     rank, world = state.process_index, state.num_processes
     if world > 1 and cfg.device is None:
         cfg = dataclasses.replace(cfg, device=str(state.device))
@@ -136,6 +138,7 @@ def run_datagen(cfg: DatagenConfig, pipe=None, hooks: Hooks | None = None, state
         hooks._call("check_interrupt")
         hooks._call("step", step, total)
 
+    drawn = []  # grids this process saved (a batch is redrawn whole, but only its missing grids are saved)
     for group in todo:
         hooks._call("check_interrupt")
         images = draw_grids(pipe, [prompts[i] for i in group], cfg, on_step)
@@ -145,6 +148,7 @@ def run_datagen(cfg: DatagenConfig, pipe=None, hooks: Hooks | None = None, state
                 path = os.path.join(out, "grids", f"{p.id}.png")
                 atomic_save_image(image, path)
                 manifest.save({"id": p.id, "stage": "grid", "prompt": p.to_json(), "grid": manifest.rel(path)})
+                drawn.append(p.id)
                 hooks._call("after_stage", "grid", p.id)
             done += 1
             hooks._call("progress", "grid", done, len(mine))
@@ -166,6 +170,13 @@ def run_datagen(cfg: DatagenConfig, pipe=None, hooks: Hooks | None = None, state
             from ..prompt import unload_local_models
 
             unload_local_models()
+
+    # which process did what (appended per run: a resumed run adds a line)
+    log = os.path.join(out, "processes", f"{rank}.jsonl")
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"process": rank, "num_processes": world, "grids": [prompts[i].id for i in mine],
+                            "drawn": drawn}) + "\n")
 
     # 6. the dataset, once every process is done
     state.wait_for_everyone()
