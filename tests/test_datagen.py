@@ -23,7 +23,7 @@ from fake_gemini import FakeGemini, clean_env, socket_guard  # noqa: F401
 from test_prompt_enhance import tiny_vlm  # noqa: F401  (the tiny Idefics3 / SmolVLM fixture)
 
 from dsd_core.datagen import DatagenConfig, Hooks, LAYOUTS, parse_verdict, run_datagen, split_grid
-from dsd_core.datagen.config import load_yaml
+from dsd_core.training.config import read_yaml
 from dsd_core.datagen.curation import Curator, decide
 from dsd_core.datagen.grid_generation import batches, shard
 from dsd_core.datagen.grid_prompts import make_grid_prompts, normalize, read_captions
@@ -259,13 +259,13 @@ def test_config_from_yaml_and_flags(tmp_path):
     cfg_file.write_text("stepz: 4\n", encoding="utf-8")
     with pytest.raises(InputError, match="unknown datagen setting.*stepz"):
         DatagenConfig.from_sources(str(cfg_file))
-    with pytest.raises(InputError, match="unknown curator"):
+    with pytest.raises(InputError, match="curator='gpt' is not one of"):
         DatagenConfig(curator="gpt")
     with pytest.raises(InputError, match="multiple of 16"):
         DatagenConfig(panel_size=100)
     example = os.path.join(os.path.dirname(os.path.dirname(__file__)), "dsd_core", "datagen", "example_config.yaml")
     assert DatagenConfig.from_sources(example).fingerprint()  # the shipped example is valid
-    assert set(load_yaml(example)) <= set(DatagenConfig.__dataclass_fields__)
+    assert set(read_yaml(example)) <= set(DatagenConfig.__dataclass_fields__)
 
 
 # ------------------------------------------------------------------------------------------------- whole chain
@@ -419,3 +419,27 @@ def test_two_processes_cover_every_grid_once(captions_file, tiny_model, flux_pip
     assert (single / "metadata.jsonl").read_bytes() == (out / "metadata.jsonl").read_bytes()
     for name in os.listdir(single / "grids"):
         assert (single / "grids" / name).read_bytes() == (out / "grids" / name).read_bytes()
+
+
+def test_generated_dataset_trains_a_few_steps(captions_file, flux_pipe, tiny_model, tmp_path):
+    """The chain's end: the trainer validates the generated folder and trains the DSD LoRA on it for a few steps."""
+    from dsd_core.training import TrainConfig, Trainer, get_method
+    from dsd_core.training.data import load_pairs, validate_pairs
+    from dsd_core.training.methods.dsd_lora import DSDLoRAOptions
+
+    data = tmp_path / "pairs"
+    summary = run_datagen(DatagenConfig(captions=captions_file, out=str(data), curator="none", num=2, batch_size=2,
+                                        instruction_captions=True, **{**TINY, "panel_size": 32}), pipe=flux_pipe)
+    assert summary["kept"] == 4
+    records = load_pairs(str(data))
+    validate_pairs(records, min_size=32)
+    assert [r.extra["instruction"].startswith("show it ") for r in records] == [True] * 4  # extra keys are kept
+    config = TrainConfig(data=str(data), base=tiny_model["base"], from_flux=os.path.join(tiny_model["base"],
+                                                                                           "transformer"),
+                         output=str(tmp_path / "model"), panel_size=32, min_image_size=32, cpu=True,
+                         local_files_only=True, max_steps=2, batch_size=2, lr=1e-3, checkpoint_every=0,
+                         validate_every=0, gradient_checkpointing=False, cache_dir=str(tmp_path / "cache"))
+    result = Trainer(config, get_method("dsd-lora")(config, DSDLoRAOptions(rank=4, alpha=4.0)),
+                     progress_bar=False, handle_sigint=False).train()
+    assert result.step == 2 and len(result.losses) == 2 and all(np.isfinite(loss) for _, loss in result.losses)
+    assert os.path.isfile(tmp_path / "model" / "pytorch_lora_weights.safetensors")

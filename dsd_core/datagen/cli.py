@@ -11,14 +11,8 @@ import argparse
 import dataclasses
 import sys
 
-from .config import CAPTIONERS, CURATORS, LAYOUTS, ON_MALFORMED, PROMPTERS, DatagenConfig
-
-_CHOICES = {"layout": list(LAYOUTS), "prompter": PROMPTERS, "curator": CURATORS, "captioner": CAPTIONERS,
-            "on_malformed": ON_MALFORMED, "dtype": ("bfloat16", "float16", "float32"),
-            "device": ("cuda", "cpu", "mps")}
-_TYPES = {"num": int, "seed": int, "steps": int, "guidance": float, "panel_size": int, "batch_size": int,
-          "max_sequence_length": int, "min_confidence": float, "malformed_retries": int, "timeout": float,
-          "retries": int, "contact_sheet_pairs": int}
+from ..training.config import add_config_arguments
+from .config import DatagenConfig
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,22 +24,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "same command again. Multi-GPU: accelerate launch -m dsd_core datagen ...")
     p.add_argument("--config", help="YAML file of settings (any of the flags below, with _ or -); flags override it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    for f in dataclasses.fields(DatagenConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        if f.default not in (None, False):
-            help_text += f" (default {f.default})"
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            p.add_argument(flag, type=_TYPES.get(f.name, str), choices=_CHOICES.get(f.name), default=None,
-                           help=help_text)
+    add_config_arguments(p, DatagenConfig, title="settings (also YAML keys)")
     return p
 
 
 def config_from_args(args) -> DatagenConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DatagenConfig)}
-    return DatagenConfig.from_sources(args.config, **values)
+    names = {f.name for f in dataclasses.fields(DatagenConfig)}
+    return DatagenConfig.from_sources(args.config, **{k: v for k, v in vars(args).items() if k in names})
 
 
 def _progress(quiet: bool, main: bool):

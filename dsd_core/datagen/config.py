@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from ..errors import InputError
 from ..loading import DEFAULT_BASE
+from ..memory.config import PRESETS
+from ..training.config import check_choices, read_yaml
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,8 @@ def get_layout(name: str) -> Layout:
     return LAYOUTS[name]
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _f(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, **({"choices": tuple(choices)} if choices else {})})
 
 
 @dataclass(frozen=True)
@@ -57,16 +59,17 @@ class DatagenConfig:
     """Everything a run needs. Fields marked in :data:`OUTPUT_FIELDS` decide the output: a resumed run must keep
     them (it is checked), the others (device, memory, retries, ...) may change between runs."""
 
-    captions: str | None = _f(None, "text file of seed captions, one a line (blank lines and # comments skipped)")
-    out: str | None = _f(None, "output folder: the dataset (metadata.jsonl + images), grids, manifest, summary")
+    captions: str = _f("", "text file of seed captions, one a line (blank lines and # comments skipped)")
+    out: str = _f("", "output folder: the dataset (metadata.jsonl + images), grids, manifest, summary")
     base: str = _f(DEFAULT_BASE, "FLUX.1-dev diffusers folder or HF repo id (its own transformer is used)")
-    layout: str = _f("1x2", "grid layout: 1x2 (two panels, the DSD canvas) or 2x2 (four panels, as in the paper)")
-    num: int | None = _f(None, "number of grids (default: one per seed caption; more cycles through the captions "
-                               "with new scenes)")
+    layout: str = _f("1x2", "grid layout: 1x2 (two panels, the DSD canvas) or 2x2 (four panels, as in the paper)",
+                     choices=tuple(LAYOUTS))
+    num: int = _f(0, "number of grids (0: one per seed caption; more than the captions cycles through them with "
+                      "new scenes)")
     seed: int = _f(0, "base seed: grid k is drawn with seed + k; the template prompts are seeded with it too")
     # grid prompts
     prompter: str = _f("template", "who writes the grid prompts: template (built-in, offline), gemini or local "
-                                   "(a local model folder, --local-vlm)")
+                                   "(a local model folder, --local-vlm)", choices=PROMPTERS)
     # grid generation
     steps: int = _f(28, "denoising steps per grid")
     guidance: float = _f(3.5, "FLUX distilled guidance")
@@ -74,37 +77,37 @@ class DatagenConfig:
     batch_size: int = _f(1, "grids per FLUX call (batches are fixed groups of consecutive grids, so a resumed or "
                             "re-sharded run draws exactly the same images)")
     max_sequence_length: int = _f(512, "T5 prompt tokens")
-    dtype: str | None = _f(None, "bfloat16 / float16 / float32 (default: bf16 on a GPU, fp32 on CPU)")
-    device: str | None = _f(None, "cuda / mps / cpu (default: the best available; under accelerate, this "
-                                  "process's GPU)")
-    memory: str | None = _f(None, "memory preset for FLUX (full, 24gb, 16gb, 12gb, 8gb, lowest; gguf excluded)")
+    dtype: str = _f("", "bfloat16 / float16 / float32 (empty: bf16 on a GPU, fp32 on CPU)",
+                    choices=("", "bfloat16", "float16", "float32"))
+    device: str = _f("", "cuda / mps / cpu (empty: the best available; under accelerate, this process's GPU)",
+                     choices=("", "cuda", "mps", "cpu"))
+    memory: str = _f("", "memory preset for FLUX (see `python -m dsd_core memory`; empty: full)",
+                     choices=("",) + tuple(PRESETS))
     offline: bool = _f(False, "never download models")
     # curation
-    curator: str = _f("gemini", "who judges the pairs: gemini, local (a local VLM folder) or none (keep all)")
-    gemini_model: str | None = _f(None, "Gemini model (default: DSD_GEMINI_MODEL or the prompt enhancer's default)")
-    local_vlm: str | None = _f(None, "folder of a local vision-language model (prompter/curator/captioner local)")
+    curator: str = _f("gemini", "who judges the pairs: gemini, local (a local VLM folder) or none (keep all)",
+                      choices=CURATORS)
+    gemini_model: str = _f("", "Gemini model (default: DSD_GEMINI_MODEL or the prompt enhancer's default)")
+    local_vlm: str = _f("", "folder of a local vision-language model (prompter/curator/captioner local)")
     min_confidence: float = _f(0.5, "keep a SAME verdict only with a confidence at least this (0..1)")
-    curation_instructions: str | None = _f(None, "replace the curation instructions (text or a path to a text "
+    curation_instructions: str = _f("", "replace the curation instructions (text or a path to a text "
                                                  "file); keep the answer format of the default")
     malformed_retries: int = _f(1, "ask again this many times when a curation reply cannot be parsed")
-    on_malformed: str = _f("reject", "what to do with a pair whose reply stays unparseable: reject or keep")
+    on_malformed: str = _f("reject", "what to do with a pair whose reply stays unparseable: reject or keep",
+                           choices=ON_MALFORMED)
     timeout: float = _f(60.0, "seconds per Gemini request")
     retries: int = _f(3, "extra Gemini attempts after timeouts, 429 and 5xx")
     # captions
     captioner: str = _f("auto", "target captions: auto (the curator's model; the grid prompt's panel text when "
-                                "the curator is none), gemini, local or prompt")
+                                "the curator is none), gemini, local or prompt", choices=CAPTIONERS)
     instruction_captions: bool = _f(False, "also write an instruction-style caption ('instruction' key)")
     # output
     contact_sheet_pairs: int = _f(64, "pairs shown on contact_sheet.png")
 
     def __post_init__(self):
-        get_layout(self.layout)
-        for name, choices in (("prompter", PROMPTERS), ("curator", CURATORS), ("captioner", CAPTIONERS),
-                              ("on_malformed", ON_MALFORMED)):
-            if getattr(self, name) not in choices:
-                raise InputError(f"unknown {name} {getattr(self, name)!r}; use one of {', '.join(choices)}.")
-        if self.num is not None and self.num < 1:
-            raise InputError(f"num must be at least 1, got {self.num}.")
+        check_choices(self)
+        if self.num < 0:
+            raise InputError(f"num must be 0 (one grid per caption) or more, got {self.num}.")
         if self.panel_size < 16 or self.panel_size % 16:
             raise InputError(f"panel_size must be a positive multiple of 16 (FLUX), got {self.panel_size}.")
         for name in ("steps", "batch_size"):
@@ -143,7 +146,7 @@ class DatagenConfig:
         """Defaults <- the YAML ``config_file`` <- ``overrides`` whose value is not None."""
         values: dict = {}
         if config_file:
-            values.update(load_yaml(config_file))
+            values.update(read_yaml(config_file))
         values.update({k: v for k, v in overrides.items() if v is not None})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
@@ -160,25 +163,6 @@ class DatagenConfig:
 OUTPUT_FIELDS = ("layout", "num", "seed", "prompter", "steps", "guidance", "panel_size", "batch_size",
                  "max_sequence_length", "curator", "min_confidence", "on_malformed", "captioner",
                  "instruction_captions")
-
-
-def load_yaml(path: str) -> dict:
-    """A YAML mapping from ``path`` (keys may use - or _)."""
-    import yaml
-
-    try:
-        with open(os.path.expanduser(path), encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise InputError(f"config file {path} does not exist; pass the path of a YAML file.") from None
-    except yaml.YAMLError as e:
-        raise InputError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise InputError(f"config file {path} must hold a mapping of settings (key: value), not a "
-                         f"{type(data).__name__}.")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def config_help() -> dict[str, str]:

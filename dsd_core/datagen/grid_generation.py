@@ -35,8 +35,8 @@ def load_grid_pipeline(cfg: DatagenConfig):
     """Plain FLUX for ``cfg`` (base, dtype, device, memory preset)."""
     from ..loading import load_flux_pipeline
 
-    return load_flux_pipeline(cfg.base, dtype=cfg.dtype, device=cfg.device, memory=cfg.memory,
-                              local_files_only=cfg.offline)
+    return load_flux_pipeline(cfg.base, dtype=cfg.dtype or None, device=cfg.device or None,
+                              memory=cfg.memory or None, local_files_only=cfg.offline)
 
 
 def draw_grids(pipe, prompts: list[GridPrompt], cfg: DatagenConfig, step_callback=None) -> list:

@@ -22,24 +22,9 @@ import os
 import tempfile
 
 from ..errors import InputError
+from ..training.io import atomic_write_text  # noqa: F401  (re-exported for the datagen modules)
 
 STAGES = ("grid", "panels", "curated", "captioned")
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def atomic_save_image(image, path: str) -> None:

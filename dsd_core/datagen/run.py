@@ -62,7 +62,7 @@ def _process_state(device: str | None = None):
 def plan_prompts(cfg: DatagenConfig, writer=None, progress=None) -> list[GridPrompt]:
     """The grid prompts of ``cfg`` (``writer``: the LLM client for prompter gemini/local)."""
     captions = read_captions(cfg.captions)
-    return make_grid_prompts(captions, cfg.grid_layout, cfg.num, cfg.seed, writer=writer,
+    return make_grid_prompts(captions, cfg.grid_layout, cfg.num or None, cfg.seed, writer=writer,
                              writer_name=cfg.prompter, progress=progress)
 
 
@@ -98,11 +98,8 @@ def run_datagen(cfg: DatagenConfig, pipe=None, hooks: Hooks | None = None, state
     if not cfg.captions:
         raise InputError("no captions file given; pass --captions FILE (one seed caption a line).")
     state = state or _process_state(cfg.device)
-    rank, world = state.process_index, state.num_processes
-    if world > 1 and cfg.device is None:
+    if state.num_processes > 1 and not cfg.device:
         cfg = dataclasses.replace(cfg, device=str(state.device))
-    out = os.path.abspath(cfg.out)
-    manifest = Manifest(out)
     prompter = make_client(cfg.prompter, cfg.gemini_model, cfg.local_vlm, cfg.timeout, cfg.retries)
     curator_client = make_client(cfg.curator, cfg.gemini_model, cfg.local_vlm, cfg.timeout, cfg.retries)
     caption_client = curator_client if cfg.caption_backend == cfg.curator else make_client(
@@ -110,6 +107,22 @@ def run_datagen(cfg: DatagenConfig, pipe=None, hooks: Hooks | None = None, state
     for backend, client in ((cfg.prompter, prompter), (cfg.curator, curator_client),
                             (cfg.caption_backend, caption_client)):
         check_client(backend, client)
+    try:
+        return _run(cfg, pipe, hooks, state, prompter, curator_client, caption_client)
+    finally:
+        for client in (prompter, curator_client, caption_client):
+            if hasattr(client, "close"):
+                client.close()
+        if "local" in (cfg.curator, cfg.caption_backend, cfg.prompter):
+            from ..prompt import unload_local_models
+
+            unload_local_models()
+
+
+def _run(cfg: DatagenConfig, pipe, hooks: Hooks, state, prompter, curator_client, caption_client) -> dict | None:
+    rank, world = state.process_index, state.num_processes
+    out = os.path.abspath(cfg.out)
+    manifest = Manifest(out)
 
     # 1. grid prompts: written once, by the main process
     prompts_path = os.path.join(out, "prompts.jsonl")
@@ -160,16 +173,10 @@ def run_datagen(cfg: DatagenConfig, pipe=None, hooks: Hooks | None = None, state
     curator = Curator(curator_client, cfg.instructions_text(), cfg.min_confidence, cfg.on_malformed,
                       cfg.malformed_retries)
     captioner = Captioner(caption_client, cfg.instruction_captions, cfg.caption_backend)
-    try:
-        for n, i in enumerate(mine):
-            hooks._call("check_interrupt")
-            finish_item(manifest, prompts[i], cfg, curator, captioner, hooks)
-            hooks._call("progress", "captioned", n + 1, len(mine))
-    finally:
-        if cfg.curator == "local" or cfg.caption_backend == "local" or cfg.prompter == "local":
-            from ..prompt import unload_local_models
-
-            unload_local_models()
+    for n, i in enumerate(mine):
+        hooks._call("check_interrupt")
+        finish_item(manifest, prompts[i], cfg, curator, captioner, hooks)
+        hooks._call("progress", "captioned", n + 1, len(mine))
 
     # which process did what (appended per run: a resumed run adds a line)
     log = os.path.join(out, "processes", f"{rank}.jsonl")
