@@ -21,6 +21,8 @@ _MODULES = {
     "image_prep": (("DSDImagePrep",), ()),
     "sampler": (("DSDSampler",), _CORE),
     "prompt_enhancer": (("DSDPromptEnhancer",), ()),
+    "datagen": (("DSDGridPrompts", "DSDFluxLoader", "DSDGridGenerate", "DSDPanelSplit", "DSDCuratePairs",
+                 "DSDDataGen"), _CORE),
 }
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -139,6 +139,9 @@ class DatagenConfig:
         """The settings that decide the output (compared when a run resumes)."""
         d = {k: getattr(self, k) for k in OUTPUT_FIELDS}
         d["curation_instructions"] = hashlib.sha256((self.instructions_text() or "").encode()).hexdigest()[:16]
+        if self.captions and os.path.isfile(os.path.expanduser(self.captions)):
+            with open(os.path.expanduser(self.captions), "rb") as f:
+                d["captions_sha256"] = hashlib.sha256(f.read()).hexdigest()[:16]
         return d
 
     @classmethod
