@@ -387,10 +387,15 @@ def test_local_vlm_curator_runs_the_real_model(tiny_vlm):
     a, b = (PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2))
     try:
         verdict, reason = Curator(client, malformed_retries=1).judge(a, b)
+        prompts = make_grid_prompts(["a plush toy dragon"], LAYOUTS["1x2"], writer=client, writer_name="local")
     finally:
         unload_local_models()
     # a random model writes letters, never the answer format: a malformed verdict with the raw reply kept
     assert reason == "malformed_reply" and verdict.same is None and verdict.reply
+    # ... and no JSON for the grid prompt (text only, the local LLM path): the template steps in, and says so
+    assert len(prompts) == 1 and prompts[0].source.startswith("template (fallback: no JSON object")
+    with pytest.raises(InputError, match="local VLM folder .* does not exist"):
+        run_datagen(DatagenConfig(captions="c.txt", out="o", curator="local", local_vlm="/nonexistent/vlm"))
 
 
 def test_two_processes_cover_every_grid_once(captions_file, tiny_model, flux_pipe, tmp_path):

@@ -79,8 +79,8 @@ class DatagenConfig:
     max_sequence_length: int = _f(512, "T5 prompt tokens")
     dtype: str = _f("", "bfloat16 / float16 / float32 (empty: bf16 on a GPU, fp32 on CPU)",
                     choices=("", "bfloat16", "float16", "float32"))
-    device: str = _f("", "cuda / mps / cpu (empty: the best available; under accelerate, this process's GPU)",
-                     choices=("", "cuda", "mps", "cpu"))
+    device: str = _f("", "cuda / cuda:N / mps / cpu (empty: the best available; under accelerate, this process's "
+                         "device)")
     memory: str = _f("", "memory preset for FLUX (see `python -m dsd_core memory`; empty: full)",
                      choices=("",) + tuple(PRESETS))
     offline: bool = _f(False, "never download models")

@@ -71,18 +71,6 @@ def load_prompts(path: str) -> list[GridPrompt]:
         return [GridPrompt.from_json(json.loads(line)) for line in f if line.strip()]
 
 
-def _release(pipe) -> None:
-    del pipe
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
-        pass
-
-
 def run_datagen(cfg: DatagenConfig, pipe=None, hooks: Hooks | None = None, state=None) -> dict | None:
     """Run (or resume) ``cfg`` into ``cfg.out``; returns the summary on the main process, None on the others.
 
@@ -165,9 +153,12 @@ def _run(cfg: DatagenConfig, pipe, hooks: Hooks, state, prompter, curator_client
                 hooks._call("after_stage", "grid", p.id)
             done += 1
             hooks._call("progress", "grid", done, len(mine))
+    pipe = None  # ours is freed here (before a local VLM may load); a caller's stays loaded
     if own_pipe:
-        _release(pipe)
-    pipe = None
+        from ..prompt.local import _empty_cuda_cache
+
+        gc.collect()
+        _empty_cuda_cache()
 
     # 3-5. panels, curation, captions, grid by grid
     curator = Curator(curator_client, cfg.instructions_text(), cfg.min_confidence, cfg.on_malformed,
