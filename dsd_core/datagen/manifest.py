@@ -7,6 +7,8 @@ Layout of an output folder (all paths in records are relative to it)::
     manifest/<id>.json    per grid: its stage and results so far
     grids/<id>.png        the grid FLUX drew
     panels/<id>_<k>.png   its panels, row by row
+    processes/<rank>.jsonl  per process and run: the grids it owned and the ones it drew (a work log)
+    metadata.jsonl, audit.jsonl, summary.json, contact_sheet.png   the results (see :mod:`.output`)
 
 Stages, in order: ``grid`` (drawn), ``panels`` (split), ``curated`` (every pair judged), ``captioned`` (kept pairs
 captioned; the grid is done). A record is replaced as a whole (temp file + ``os.replace``) after each stage, and the
