@@ -17,6 +17,7 @@ _EXPORTS = {
     "clean_prompt": "pipeline",
     "DSDTransformer2DModel": "transformer",
     "load_pipeline": "loading",
+    "load_flux_pipeline": "loading",
     "load_image": "image",
     "prepare_reference": "image",
     "pil_to_tensor": "image",

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_cli.add_parser(sub)
     native_cli.add_parser(sub)  # extract-c-embedder, compare-transformers
+    from .datagen import cli as datagen_cli  # subcommand module: add_parser(subparsers) + run(args)
+
+    datagen_cli.add_parser(sub)
     return parser
 
 
@@ -274,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             return train_cli.run(args)
         if args.command in native_cli.COMMANDS:
             return native_cli.run(args)
+        if args.command == "datagen":
+            from .datagen import cli as datagen_cli
+
+            return datagen_cli.run(args)
         return {"generate": run_generate, "tiny-model": run_tiny, "memory": run_memory}[args.command](args)
     except (DSDError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

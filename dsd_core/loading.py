@@ -72,17 +72,23 @@ def download(repo_id: str, allow_patterns: list[str], what: str, token: str | No
         ) from None
 
 
-def resolve_base(base: str, token: str | None = None, local_files_only: bool = False) -> str:
-    """Local diffusers folder of the FLUX.1-dev base (downloading the needed components if given a repo id)."""
+def resolve_base(base: str, token: str | None = None, local_files_only: bool = False,
+                 with_transformer: bool = False) -> str:
+    """Local diffusers folder of the FLUX.1-dev base (downloading the needed components if given a repo id).
+
+    ``with_transformer``: also the base's own transformer (plain FLUX text-to-image, :func:`load_flux_pipeline`).
+    """
     base = os.path.expanduser(os.fspath(base))
     if _looks_like_repo_id(base):
-        base = download(base, BASE_PATTERNS, "the FLUX.1-dev base components", token, local_files_only)
+        patterns = BASE_PATTERNS + ([f"{TRANSFORMER_DIR}/*"] if with_transformer else [])
+        base = download(base, patterns, "the FLUX.1-dev base components", token, local_files_only)
     if not os.path.isdir(base):
         raise ModelNotFoundError(
             f"base {base} does not exist; pass a diffusers FLUX.1-dev folder (with model_index.json) or a Hugging "
             f"Face repo id such as {DEFAULT_BASE}."
         )
-    missing = [c for c in BASE_COMPONENTS if not os.path.isdir(os.path.join(base, c))]
+    needed = BASE_COMPONENTS + ((TRANSFORMER_DIR,) if with_transformer else ())
+    missing = [c for c in needed if not os.path.isdir(os.path.join(base, c))]
     if not os.path.isfile(os.path.join(base, "model_index.json")) or missing:
         what = "model_index.json" if not os.path.isfile(os.path.join(base, "model_index.json")) else ", ".join(missing)
         raise ModelFormatError(
@@ -223,4 +229,49 @@ def load_pipeline(
         pipe.load_dsd_lora(lora_file)
     apply_memory(pipe, memory, device)  # LoRA fusing, fp8 casting, offload or placement on the device
     apply_speed(pipe, speed)
+    return pipe
+
+
+def load_flux_pipeline(
+    base: str = DEFAULT_BASE,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    memory=None,
+    token: str | None = None,
+    local_files_only: bool = False,
+):
+    """A plain FLUX.1-dev text-to-image pipeline (diffusers ``FluxPipeline``: the base's own transformer, no DSD
+    condition, no LoRA), assembled with the same steps as :func:`load_pipeline`: memory config -> transformer in its
+    storage format -> pipeline -> :func:`~dsd_core.memory.apply.apply_memory`. Data generation draws its grids with it.
+
+    ``memory`` takes the same presets and switches as :func:`load_pipeline`, except ``gguf`` (a GGUF quant is of the
+    DSD transformer) and ``release_text_encoders`` (every grid has a new prompt; it is switched off with a warning).
+    """
+    import dataclasses
+
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from .memory.apply import apply_memory, check_available, quantization_config
+    from .memory.config import resolve_memory
+
+    memory = resolve_memory(memory)
+    if memory.transformer_weights == "gguf":
+        raise DSDError("transformer_weights='gguf' loads a DSD transformer; for plain FLUX pick native, fp8, int8, "
+                       "int4 or nf4 (e.g. the '12gb' preset).")
+    if memory.release_text_encoders:
+        logger.warning("release_text_encoders is off for plain FLUX: every grid has a new prompt to encode.")
+        memory = dataclasses.replace(memory, release_text_encoders=False)
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    check_available(memory, device)
+    base_dir = resolve_base(base, token, local_files_only, with_transformer=True)
+    transformer_dir = os.path.join(base_dir, TRANSFORMER_DIR)
+    qc = quantization_config(memory, torch_dtype, device, transformer_dir)
+    try:
+        dit = FluxTransformer2DModel.from_pretrained(transformer_dir, dtype=torch_dtype,
+                                                     **({"quantization_config": qc} if qc is not None else {}))
+        pipe = FluxPipeline.from_pretrained(base_dir, transformer=dit, dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelFormatError(f"could not load plain FLUX from {base_dir}: {e}") from e
+    apply_memory(pipe, memory, device)
     return pipe

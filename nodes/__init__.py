@@ -24,6 +24,8 @@ _MODULES = {
     "training": (("DSDTrainingDataset", "DSDTrainLoRA", "DSDSaveTrainedModel", "DSDPlotLoss"), _CORE),
     "native": (("DSDApplyNative", "DSDTextEncode", "DSDNativeConditioning", "DSDGuider", "DSDScheduler",
                 "DSDSplitCanvas"), _CORE),
+    "datagen": (("DSDGridPrompts", "DSDFluxLoader", "DSDGridGenerate", "DSDPanelSplit", "DSDCuratePairs",
+                 "DSDDataGen"), _CORE),
 }
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -15,6 +15,8 @@ request is recorded (path, headers, parsed JSON body). Scenarios:
 * ``empty``: HTTP 200 with ``"candidates": []``;
 * ``blocked``: HTTP 200 with ``promptFeedback.blockReason`` and no candidates.
 
+``responder=`` scripts the successful replies instead: a function of the parsed request body returning the text.
+
 ``socket_guard`` is a pytest fixture that makes any connection or name lookup
 to a non-loopback address fail, so a test can never reach the network.
 """
@@ -74,13 +76,14 @@ class FakeGemini:
     """Threaded fake of the Gemini ``generateContent`` endpoint (use as a context manager)."""
 
     def __init__(self, scenario: str = "success", *, delay: float = 2.0,
-                 caption: str = CAPTION_REPLY, enhanced: str = ENHANCED_REPLY):
+                 caption: str = CAPTION_REPLY, enhanced: str = ENHANCED_REPLY, responder=None):
         if scenario not in SCENARIOS:
             raise ValueError(f"unknown scenario {scenario!r}")
         self.scenario = scenario
         self.delay = delay
         self.caption = caption
         self.enhanced = enhanced
+        self.responder = responder  # scripted replies: responder(parsed JSON body) -> reply text
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -168,6 +171,8 @@ class FakeGemini:
         if scenario == "blocked":
             return 200, {"promptFeedback": {"blockReason": "SAFETY"},
                          "usageMetadata": {"promptTokenCount": 10, "totalTokenCount": 10}, "modelVersion": model}
+        if self.responder is not None:
+            return 200, _success_body(self.responder(body), model)
         text = self.caption if _has_image(body) else self.enhanced
         return 200, _success_body(text, model)
 

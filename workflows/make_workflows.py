@@ -88,9 +88,18 @@ INTERFACES = {
     "DSDScheduler": dict(links=[], outputs=[("SIGMAS", "SIGMAS")]),
     "DSDSplitCanvas": dict(links=[("canvas", "IMAGE")], outputs=[("images", "IMAGE"),
                                                                  ("reference_reconstruction", "IMAGE")]),
+    # data generation (dsd_core.datagen)
+    "DSDGridPrompts": dict(links=[], outputs=[("grid_prompts", "DSD_GRID_PROMPTS"), ("text", "STRING")]),
+    "DSDFluxLoader": dict(links=[], outputs=[("flux", "DSD_FLUX")]),
+    "DSDGridGenerate": dict(links=[("flux", "DSD_FLUX"), ("grid_prompts", "DSD_GRID_PROMPTS")],
+                            outputs=[("grids", "IMAGE")]),
+    "DSDPanelSplit": dict(links=[("grids", "IMAGE")], outputs=[("panels", "IMAGE")]),
+    "DSDCuratePairs": dict(links=[("panels", "IMAGE")], outputs=[("kept_pairs", "IMAGE"), ("rejected_pairs", "IMAGE"),
+                                                                  ("verdicts", "STRING")]),
 }
 #: Widgets whose UI value is followed by the "control after generate" value.
-CONTROL_AFTER_GENERATE = {("DSDSampler", "seed"): "fixed", ("RandomNoise", "noise_seed"): "fixed"}
+CONTROL_AFTER_GENERATE = {("DSDSampler", "seed"): "fixed", ("RandomNoise", "noise_seed"): "fixed",
+                          ("DSDGridPrompts", "seed"): "fixed"}
 
 
 def loader(id, pos):
@@ -267,6 +276,43 @@ def training() -> tuple[list[Node], list[tuple]]:
     return nodes, notes
 
 
+def datagen() -> tuple[list[Node], list[tuple]]:
+    """Self-distillation data generation, stage by stage, to look at grids, panels and verdicts."""
+    nodes = [
+        Node(1, "DSDGridPrompts", dict(captions="a red ceramic teapot with a bamboo handle\n"
+                                                "a plush toy dragon with golden wings",
+                                       layout="1x2", num=2, seed=0, prompter="template", gemini_model="",
+                                       local_model=""), pos=(40, 80), size=(380, 300)),
+        Node(2, "DSDFluxLoader", dict(base="FLUX.1-dev", dtype="auto", memory="full"), pos=(40, 420),
+             size=(340, 130)),
+        Node(3, "DSDGridGenerate", dict(steps=28, guidance=3.5, panel_size=512, batch_size=1),
+             {"flux": (2, 0), "grid_prompts": (1, 0)}, pos=(460, 80), size=(320, 200)),
+        Node(4, "PreviewImage", {}, {"images": (3, 0)}, pos=(820, 80), size=(400, 300), title="Grids"),
+        Node(5, "DSDPanelSplit", dict(layout="1x2", panel_size=512, trim=True), {"grids": (3, 0)},
+             pos=(460, 330), size=(320, 150)),
+        Node(6, "PreviewImage", {}, {"images": (5, 0)}, pos=(820, 420), size=(400, 300), title="Panels"),
+        Node(7, "DSDCuratePairs", dict(layout="1x2", curator="none", min_confidence=0.5, on_malformed="reject",
+                                       gemini_model="", local_model="", instructions=""), {"panels": (5, 0)},
+             pos=(460, 520), size=(340, 330)),
+        Node(8, "SaveImage", dict(filename_prefix="dsd_datagen_kept"), {"images": (7, 0)}, pos=(1260, 80),
+             size=(400, 300), title="Kept pairs"),
+        Node(9, "PreviewImage", {}, {"images": (7, 1)}, pos=(1260, 420), size=(400, 300), title="Rejected pairs"),
+    ]
+    notes = [
+        ((40, -200), (760, 240),
+         "DSD data generation, stage by stage (FLUX makes its own training pairs)\n\n"
+         "Grid Prompts turns seed captions into prompts for grids of one subject in different scenes; FLUX Loader "
+         "loads plain FLUX.1-dev (models/diffusers/FLUX.1-dev with its transformer/); Grid Generate draws them; "
+         "Panel Split cuts them (borders and gutters trimmed); Curate Pairs asks a VLM whether each pair shows the "
+         "identical subject.\n"
+         "curator: none keeps every pair; pick gemini (set GEMINI_API_KEY before starting ComfyUI) or local (a VLM "
+         "folder under models/LLM) to curate. The verdicts output explains each decision.\n"
+         "To write a training dataset (resumable), use the DSD Data Generation (to folder) node, or at scale: "
+         "accelerate launch -m dsd_core datagen (see the README)."),
+    ]
+    return nodes, notes
+
+
 # ------------------------------------------------------------------------------------------------ native path
 def native_graph(prefix, prompt, seed, image_guidance, unet="flux1-dev.safetensors", weight_dtype="default",
                  c_embedder="dsd_c_embedder.safetensors", style_loras=()) -> list[Node]:
@@ -359,7 +405,7 @@ def native_fp8_lora_stack() -> tuple[list[Node], list[tuple]]:
 
 GRAPHS = {"dsd_basic": basic, "dsd_true_guidance": true_guidance, "dsd_comfy_files": comfy_files,
           "dsd_native": native, "dsd_native_true_guidance": native_true_guidance,
-          "dsd_native_fp8_loras": native_fp8_lora_stack, "dsd_training": training}
+          "dsd_native_fp8_loras": native_fp8_lora_stack, "dsd_training": training, "dsd_datagen": datagen}
 
 
 def to_api(nodes: list[Node]) -> dict:

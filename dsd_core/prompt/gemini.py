@@ -194,6 +194,13 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _png_list(png: bytes | list[bytes] | None) -> list[bytes]:
+    """One image, several (sent in order after the text) or none."""
+    if png is None:
+        return []
+    return [png] if isinstance(png, bytes) else list(png)
+
+
 class _GenaiTransport:
     """One ``google-genai`` client; ``generate`` sends one user turn."""
 
@@ -212,11 +219,11 @@ class _GenaiTransport:
         else:
             self._client = genai.Client(api_key=key.reveal(), http_options=options)
 
-    def generate(self, model: str, text: str, png: bytes | None) -> str:
+    def generate(self, model: str, text: str, png: bytes | list[bytes] | None) -> str:
         types = self._types
         parts = [types.Part.from_text(text=text)]
-        if png is not None:
-            parts.append(types.Part.from_bytes(data=png, mime_type="image/png"))
+        for data in _png_list(png):
+            parts.append(types.Part.from_bytes(data=data, mime_type="image/png"))
         response = self._client.models.generate_content(
             model=model,
             contents=[types.Content(role="user", parts=parts)],
@@ -243,10 +250,10 @@ class _LegacyTransport:
         self._legacy = legacy
         self._timeout = timeout
 
-    def generate(self, model: str, text: str, png: bytes | None) -> str:
+    def generate(self, model: str, text: str, png: bytes | list[bytes] | None) -> str:
         parts: list = [text]
-        if png is not None:
-            parts.append({"mime_type": "image/png", "data": png})
+        for data in _png_list(png):
+            parts.append({"mime_type": "image/png", "data": data})
         response = self._legacy.GenerativeModel(model).generate_content(
             parts, request_options={"timeout": self._timeout}
         )
@@ -359,20 +366,51 @@ class GeminiEnhancer:
                 raise EnhanceError(f"Gemini {cause}{tries} in the {step} step") from None
         raise AssertionError("unreachable")
 
-    def enhance(self, image: Image.Image, prompt: str) -> tuple[str, str]:
-        """Return ``(enhanced_prompt, caption)``; raise :class:`EnhanceError` on any failure."""
+    def _session(self, calls):
+        """Resolve credentials, open one transport, run ``calls(call)`` with ``call(text, png, step)``, close."""
         key = resolve_api_key(self._key_file)
         vertex = _env_flag("GOOGLE_GENAI_USE_VERTEXAI")
         if key is None and not vertex:
             raise EnhanceError(_NO_KEY)
         transport = self._open(key, vertex)
         try:
-            png = _png_bytes(prepare_reference(image))
-            caption = self._call(transport, CAPTION_INSTRUCTION, png, "caption", key)
-            enhanced = self._call(transport, build_enhance_instruction(prompt, caption), None, "enhance", key)
+            return calls(lambda text, png, step: self._call(transport, text, png, step, key))
         finally:
             try:
                 transport.close()
             except Exception:  # closing must never mask the result
                 pass
-        return enhanced, caption
+
+    def enhance(self, image: Image.Image, prompt: str) -> tuple[str, str]:
+        """Return ``(enhanced_prompt, caption)``; raise :class:`EnhanceError` on any failure."""
+        def calls(call):
+            caption = call(CAPTION_INSTRUCTION, _png_bytes(prepare_reference(image)), "caption")
+            return call(build_enhance_instruction(prompt, caption), None, "enhance"), caption
+
+        return self._session(calls)
+
+    def ask(self, text: str, images=(), step: str = "request") -> str:
+        """One request: ``text`` then ``images`` (PIL, sent as PNG in order); the reply cleaned to one line.
+
+        Same credentials, retries and error handling as :meth:`enhance` (data generation uses it for grid prompts,
+        curation and captions). The client is opened on the first call and kept for the next ones (creating one
+        costs ~0.3 s) until :meth:`close`. Raises :class:`EnhanceError` on any failure.
+        """
+        pngs = [_png_bytes(im.convert("RGB")) for im in images]
+        if getattr(self, "_kept", None) is None:
+            key = resolve_api_key(self._key_file)
+            vertex = _env_flag("GOOGLE_GENAI_USE_VERTEXAI")
+            if key is None and not vertex:
+                raise EnhanceError(_NO_KEY)
+            self._kept = (self._open(key, vertex), key)
+        transport, key = self._kept
+        return self._call(transport, text, pngs or None, step, key)
+
+    def close(self) -> None:
+        """Close the client :meth:`ask` keeps open (it is opened again when needed)."""
+        kept, self._kept = getattr(self, "_kept", None), None
+        if kept is not None:
+            try:
+                kept[0].close()
+            except Exception:  # closing must never mask a result
+                pass

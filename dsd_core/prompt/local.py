@@ -126,14 +126,16 @@ class LocalVLMEnhancer:
                 _loaded[cache_key] = (processor, model, device)
             return processor, model, device
 
-    def _generate(self, processor, model, device, text: str, image: Image.Image | None) -> str:
+    def _generate(self, processor, model, device, text: str, image) -> str:
+        """Greedy reply to ``text`` after ``image`` (one PIL image, a list of them, or None)."""
         import torch
 
-        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
+        images = [] if image is None else [image] if isinstance(image, Image.Image) else list(image)
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         chat = processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
-        images = [image] if image is not None else None
+        images = [images] if images else None
         inputs = processor(text=[chat], images=images, return_tensors="pt").to(device)
         floating = {k: v.to(model.dtype) for k, v in inputs.items() if torch.is_floating_point(v)}
         inputs.update(floating)
@@ -163,6 +165,28 @@ class LocalVLMEnhancer:
                 gc.collect()
                 _empty_cuda_cache()
         return enhanced, caption
+
+    def ask(self, text: str, images=(), step: str = "request") -> str:
+        """One greedy reply to ``images`` (PIL, in order) then ``text``, cleaned to one line; text-only works too.
+
+        Data generation uses it for grid prompts, curation and captions. Raises :class:`EnhanceError` on any failure
+        (also on an empty reply). The model is unloaded afterwards unless ``keep_loaded``.
+        """
+        processor, model, device = self._load()
+        try:
+            try:
+                reply = self._generate(processor, model, device, text, [im.convert("RGB") for im in images])
+            except Exception as exc:
+                raise EnhanceError(f"the local VLM failed while generating in the {step} step "
+                                   f"({type(exc).__name__})") from exc
+            if not reply:
+                raise EnhanceError(f"the local VLM returned an empty reply in the {step} step")
+            return reply
+        finally:
+            if not self.keep_loaded:
+                del model
+                gc.collect()
+                _empty_cuda_cache()
 
 
 def _empty_cuda_cache() -> None:
