@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from .delta_file import ConceptFile
+from .delta_file import ConceptFile, is_dsd
 from .parameters import ConceptDeltas, LayerDelta
 
 DEFAULT_ENERGY = 0.6
@@ -115,14 +115,14 @@ def output_change(pipe, a: ConceptFile, b: ConceptFile, prompt: str, size: int =
     ``a`` changes it (one forward pass each, fixed noise, ``prompt``; DSD uses a zero condition)."""
     from .. import canvas as cv
 
-    width = 2 * size if hasattr(pipe.transformer, "c_embedder") else size
+    width = 2 * size if is_dsd(pipe) else size
     dev = pipe._execution_device
     dtype = pipe.transformer.dtype
     h, w = cv.latent_size(size, width, pipe.vae_scale_factor)
     ch = pipe.transformer.config.in_channels // 4
     x = cv.pack_latents(torch.randn(1, ch, h, w, generator=torch.Generator().manual_seed(seed))).to(dev, dtype)
     img_ids = cv.latent_image_ids(size, width, dev, dtype, pipe.vae_scale_factor)
-    kwargs = {"condition_hidden_states": torch.zeros_like(x)} if hasattr(pipe.transformer, "c_embedder") else {}
+    kwargs = {"condition_hidden_states": torch.zeros_like(x)} if is_dsd(pipe) else {}
     g = torch.full((1,), 3.5, device=dev) if pipe.transformer.config.guidance_embeds else None
 
     def velocity():

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 
@@ -69,8 +68,15 @@ def probe_hash(probe: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def base_kind(transformer) -> str:
-    return "dsd" if hasattr(transformer, "c_embedder") else "flux"
+def is_dsd(pipe) -> bool:
+    """True for a DSD pipeline (reference-conditioned), False for plain FLUX text-to-image."""
+    from ..pipeline import DSDPipeline
+
+    return isinstance(pipe, DSDPipeline)
+
+
+def base_kind(pipe) -> str:
+    return "dsd" if is_dsd(pipe) else "flux"
 
 
 def check_base(transformer, probe: dict[str, torch.Tensor], source: str = "the delta") -> float:
@@ -150,20 +156,11 @@ class ConceptFile:
 
     def save(self, path: str, dtype: torch.dtype = torch.float32) -> str:
         """Write atomically (temp file, then rename); returns ``path``."""
-        from safetensors.torch import save_file
+        from ..training.io import atomic_save_file
 
         if not str(path).endswith(".safetensors"):
             raise InputError(f"{path}: concept deltas are written as .safetensors; give a path ending in it.")
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file(self.tensors(dtype), tmp, metadata=self.metadata())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_save_file(self.tensors(dtype), path, metadata=self.metadata())
         return path
 
     @classmethod
@@ -223,12 +220,12 @@ class ConceptFile:
         if check:
             check_base(pipe.transformer, self.probe, self.info.get("name", "this concept delta"))
             made_for = self.info.get("base_kind")
-            if made_for and made_for != base_kind(pipe.transformer):
+            if made_for and made_for != base_kind(pipe):
                 import logging
 
                 logging.getLogger(__name__).warning(
                     "this concept delta was tuned on a %s model and is applied to a %s model; the base weights "
-                    "match, but expect a weaker effect.", made_for, base_kind(pipe.transformer))
+                    "match, but expect a weaker effect.", made_for, base_kind(pipe))
         if self.tokens is not None:
             self.tokens.attach(pipe)
         try:

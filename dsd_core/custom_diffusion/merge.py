@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
-from .delta_file import ConceptFile
+from .delta_file import ConceptFile, is_dsd
 from .parameters import ConceptDeltas, LayerDelta
 from .tokens import ModifierTokens
 
@@ -86,7 +86,7 @@ def collect_features(pipe, layers: dict[str, str], reg_prompts: list[str], targe
     from .. import canvas as cv
 
     dev, dtype = pipe._execution_device, pipe.transformer.dtype
-    dsd = hasattr(pipe.transformer, "c_embedder")
+    dsd = is_dsd(pipe)
     width = 2 * size if dsd else size
     h, w = cv.latent_size(size, width, pipe.vae_scale_factor)
     ch = pipe.transformer.config.in_channels // 4
