@@ -200,7 +200,7 @@ class MergeResult:
 
 def merge(pipe, concepts: list[ConceptFile], reg_prompts: list[str] | None = None, ridge: float = 1e-3,
           sigmas=(0.25, 0.5, 0.75, 1.0), num_latents: int = 1, size: int = 256, seed: int = 0,
-          max_sequence_length: int = 128, progress=None) -> MergeResult:
+          max_sequence_length: int = 128, progress=None, check: bool = True) -> MergeResult:
     """Merge separately tuned concepts into one delta with all their tokens (see module docstring)."""
     from .delta_file import check_base
 
@@ -208,7 +208,8 @@ def merge(pipe, concepts: list[ConceptFile], reg_prompts: list[str] | None = Non
         raise InputError("merge needs at least two concept deltas.")
     reg_prompts = list(reg_prompts or REGULARISATION_PROMPTS)
     for c in concepts:
-        check_base(pipe.transformer, c.probe, c.info.get("name", "a concept delta"))
+        if check:
+            check_base(pipe.transformer, c.probe, c.info.get("name", "a concept delta"))
         if c.tokens is None:
             raise InputError("every merged concept needs its modifier token; one of the files has none.")
     renames = rename_tokens(concepts)

@@ -43,6 +43,10 @@ def check_prompt(prompt: str, available) -> None:
                          f"{have}). Apply the concept delta that defines it, or fix the token's spelling.")
 
 
+#: token -> number of attached ModifierTokens providing it (in any encoder)
+_ACTIVE: dict[str, int] = {}
+
+
 class _TokenRouter:
     """Lives on one input-embedding module; replaces the output rows of the registered token ids."""
 
@@ -80,6 +84,13 @@ class _TokenRouter:
         ids, mask = pending
         for token_id in torch.unique(ids[mask]).tolist():
             source = self.sources.get(token_id)
+            if source is None and _ACTIVE.get(self.known[token_id]):
+                # provided in another encoder only (e.g. a T5-only concept after a CLIP one added the token here):
+                # the encoder's unknown-token row, the same every time
+                unk = getattr(self, "unk_id", 0)
+                vector = module.weight[unk].to(device=output.device, dtype=output.dtype)
+                output = torch.where((ids == token_id).unsqueeze(-1), vector, output)
+                continue
             if source is None:
                 raise InputError(f"the prompt uses {self.known[token_id]}, a modifier token whose concept delta is no "
                                  "longer applied; apply that concept delta again or remove the token from the prompt.")
@@ -140,21 +151,31 @@ class ModifierTokens(nn.Module):
         for enc in self.encoders:
             tokenizer, encoder = _parts(pipe, enc)
             router = _TokenRouter.of(_input_embedding(encoder))
+            router.unk_id = min(int(tokenizer.unk_token_id or 0), router.embedding.num_embeddings - 1)
             new = [t for t in self.tokens if t not in tokenizer.get_vocab()]
             if new:
                 tokenizer.add_tokens(new)
             ids = tokenizer.convert_tokens_to_ids(self.tokens)
             for row, (token, token_id) in enumerate(zip(self.tokens, ids)):
                 if token_id in router.sources and router.sources[token_id][0] is not self.embeddings[enc]:
-                    self.detach()
+                    self._attached.append((router, ids[:row]))
+                    self._unregister()
                     raise InputError(f"{token} is already defined by another applied concept; remove that concept "
                                      "first, or rename one of the tokens (merge renames clashing tokens).")
                 router.known[token_id] = token
                 router.sources[token_id] = (self.embeddings[enc], row, token)
             self._attached.append((router, ids))
+        for token in self.tokens:
+            _ACTIVE[token] = _ACTIVE.get(token, 0) + 1
         return self
 
     def detach(self) -> None:
+        if self._attached:
+            for token in self.tokens:
+                _ACTIVE[token] = max(0, _ACTIVE.get(token, 0) - 1)
+        self._unregister()
+
+    def _unregister(self) -> None:
         for router, ids in self._attached:
             for token_id in ids:
                 src = router.sources.get(token_id)
