@@ -335,3 +335,130 @@ def test_merge_reproduces_each_concept_and_moves_generic_prompts_less_than_avera
 
     merged, averaged = moved(result.concept), moved(naive)
     assert merged < 0.9 * averaged, (merged, averaged)
+
+
+# ---------------------------------------------------------------------------------------------- training (engine)
+def _train_config(tiny_model, out, **kw):
+    from dsd_core.training.config import TrainConfig
+
+    values = dict(base=tiny_model["base"], output=str(out), cpu=True, max_steps=6, min_image_size=16,
+                  panel_size=64, checkpoint_every=3, validate_every=0, lr=1e-1, weight_decay=1e-2,
+                  gradient_checkpointing=False, local_files_only=True, seed=0)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def _options(instance_dir, class_cache, **kw):
+    from dsd_core.custom_diffusion.method import CustomDiffusionOptions
+
+    values = dict(mode="flux", instance_dir=instance_dir, instance_prompt="photo of a <new1> cat",
+                  num_class_images=2, class_steps=1, class_cache=str(class_cache), rank=2, max_sequence_length=32,
+                  aug=True, hflip=True)
+    values.update(kw)
+    return CustomDiffusionOptions(**values)
+
+
+def _fixed_loss(method) -> float:
+    """The method's loss on its whole dataset with fixed randomness (augmentation, noise, noise levels)."""
+    from dsd_core.training.data import load_pairs
+
+    items = [method.encode_item(r) for r in load_pairs(method.config.data)]
+    with torch.no_grad():
+        return float(method.loss(method.module, method.collate(items), torch.Generator().manual_seed(123)))
+
+
+def test_training_loss_falls_resume_is_exact_and_the_token_matters(tiny_model, tmp_path):
+    from dsd_core.custom_diffusion.cli import load_model
+    from dsd_core.custom_diffusion.method import CustomDiffusionMethod, train_concepts
+    from dsd_core.training.engine import Trainer, TrainingCancelled
+
+    inst = images(tmp_path / "cat", n=2)
+    cache = tmp_path / "class_cache"
+    # uninterrupted run, with the loss on a fixed batch before and after
+    config = _train_config(tiny_model, tmp_path / "a")
+    method = CustomDiffusionMethod(config, _options(inst, cache))
+    method.load(torch.device("cpu"), torch.float32)
+    config.data = method.write_dataset(config.output)
+    before = _fixed_loss(method)
+    result = Trainer(config, method, progress_bar=False).train()
+    after = _fixed_loss(method)
+    assert result.step == 6 and not result.interrupted
+    assert after < 0.95 * before, (before, after)
+
+    # interrupted after step 3 (a checkpoint is written), then resumed: the same delta as the uninterrupted run
+    def stop_at_3(progress):
+        if progress.step == 3:
+            raise TrainingCancelled("test")
+
+    config_b = _train_config(tiny_model, tmp_path / "b")
+    first = train_concepts(config_b, _options(inst, cache), callback=stop_at_3, progress_bar=False)
+    assert first.interrupted and first.step == 3
+    assert not os.path.exists(tmp_path / "b" / "concept.safetensors")
+    second = train_concepts(_train_config(tiny_model, tmp_path / "b", resume="latest"), _options(inst, cache),
+                            progress_bar=False)
+    assert second.step == 6 and not second.interrupted
+    a = ConceptFile.load(str(tmp_path / "a" / "concept.safetensors"))
+    b = ConceptFile.load(str(tmp_path / "b" / "concept.safetensors"))
+    for la, lb in zip(a.deltas.layers, b.deltas.layers):
+        assert torch.allclose(la.matrix(), lb.matrix(), atol=1e-6)
+    assert torch.allclose(a.tokens.embeddings["t5"], b.tokens.embeddings["t5"], atol=1e-6)
+
+    # the trained token changes the output only where the prompt uses it
+    import argparse
+
+    pipe = load_model(argparse.Namespace(mode="flux", base=tiny_model["base"], from_flux=None, model=None,
+                                         dtype="float32", device="cpu", offline=True))
+    init = ModifierTokens.from_words(pipe, ["<new1>"], ["cat"]).embeddings["t5"]
+    assert (a.tokens.embeddings["t5"] - init).abs().max() > 1e-3  # it was trained away from "cat"
+    base_cat, base_car = generate(pipe, "photo of a cat"), generate(pipe, "a red car")
+    a.tokens.attach(pipe)
+    try:
+        assert np.array_equal(generate(pipe, "a red car"), base_car)
+        assert np.abs(generate(pipe, "photo of a <new1> cat") - base_cat).max() > 1e-3
+    finally:
+        a.tokens.detach()
+    handle = a.apply(pipe)  # with its deltas the concept changes the model; removing it restores it exactly
+    assert np.abs(generate(pipe, "photo of a <new1> cat") - base_cat).max() > 1e-3
+    handle.remove()
+    assert np.array_equal(generate(pipe, "a red car"), base_car)
+
+
+def test_cli_end_to_end_dsd(tiny_model, tmp_path):
+    """images -> tune (YAML config) -> delta -> merge two concepts -> compress -> generate with DSD, via the CLI."""
+    import yaml
+    from PIL import Image
+
+    from dsd_core.cli import main
+
+    cache = tmp_path / "class_cache"
+    for name, token, seed in (("a", "<new1>", 0), ("b", "<new2>", 10)):
+        cfg = dict(mode="dsd", base=tiny_model["base"], model=os.path.dirname(tiny_model["lora"]),
+                   output=str(tmp_path / name), instance_dir=images(tmp_path / f"img_{name}", n=2, seed=seed),
+                   instance_prompt=f"photo of a {token} toy", cpu=True, max_steps=1, min_image_size=16,
+                   panel_size=SIZE, num_class_images=1, class_steps=1, class_cache=str(cache), rank=2,
+                   max_sequence_length=32, local_files_only=True, gradient_checkpointing=False)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        assert main(["custom-diffusion", "train", "--config", str(tmp_path / f"{name}.yaml"), "--lr", "0.01"]) == 0
+    model = ["--mode", "dsd", "--base", tiny_model["base"], "--model", os.path.dirname(tiny_model["lora"]),
+             "--dtype", "float32", "--device", "cpu", "--offline"]
+    merged, small, out = (str(tmp_path / n) for n in ("merged.safetensors", "small.safetensors", "out.png"))
+    assert main(["custom-diffusion", "merge", str(tmp_path / "a" / "concept.safetensors"),
+                 str(tmp_path / "b" / "concept.safetensors"), "--out", merged, "--size", str(SIZE),
+                 "--sigmas", "0.5", "--max-sequence-length", "32", *model]) == 0
+    assert ConceptFile.load(merged).token_names == ["<new1>", "<new2>"]
+    assert main(["custom-diffusion", "compress", merged, "--out", small, "--rank", "1"]) == 0
+    assert os.path.getsize(small) < os.path.getsize(merged)
+    assert main(["custom-diffusion", "generate", "--concept", small, "--prompt", "this <new1> toy next to a <new2> toy",
+                 "--image", tiny_model["reference"], "--out", out, "--size", str(SIZE), "--steps", "2", *model]) == 0
+    assert Image.open(out).size == (SIZE, SIZE)
+    # an unknown token and a delta made for another base are refused with a clear message
+    assert main(["custom-diffusion", "generate", "--concept", small, "--prompt", "a <new9> toy", "--image",
+                 tiny_model["reference"], "--out", out, "--size", str(SIZE), "--steps", "1", *model]) == 2
+    flux = ["--mode", "flux", "--base", tiny_model["base"], "--dtype", "float32", "--device", "cpu", "--offline"]
+    assert main(["custom-diffusion", "generate", "--concept", small, "--prompt", "a <new1> toy", "--out", out,
+                 "--size", str(SIZE), "--steps", "1", *flux]) == 2
+    # no images: a clear error before any model is loaded
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["custom-diffusion", "train", "--config", str(tmp_path / "a.yaml"), "--instance-dir", str(empty),
+                 "--output", str(tmp_path / "c")]) == 2
