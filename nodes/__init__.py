@@ -21,6 +21,8 @@ _MODULES = {
     "image_prep": (("DSDImagePrep",), ()),
     "sampler": (("DSDSampler",), _CORE),
     "prompt_enhancer": (("DSDPromptEnhancer",), ()),
+    "custom_diffusion": (("DSDConceptLoader", "DSDCustomDiffusionTrain", "DSDCustomDiffusionMerge",
+                          "DSDCustomDiffusionCompress", "DSDApplyConcept"), _CORE),
 }
 
 NODE_CLASS_MAPPINGS: dict = {}

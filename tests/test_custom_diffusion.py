@@ -462,3 +462,86 @@ def test_cli_end_to_end_dsd(tiny_model, tmp_path):
     empty.mkdir()
     assert main(["custom-diffusion", "train", "--config", str(tmp_path / "a.yaml"), "--instance-dir", str(empty),
                  "--output", str(tmp_path / "c")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- ComfyUI nodes
+def test_nodes_train_with_interrupt_then_resume_compress_merge_apply_and_sample(tiny_model, tmp_path, monkeypatch):
+    import nodes
+    from dsd_core.image import pil_to_tensor
+    from dsd_core.model_store import DEFAULT_BASE_NAME, DEFAULT_MODEL_NAME
+    from dsd_core.tiny import reference_image
+    from nodes import _comfy
+    from nodes import custom_diffusion as cdn
+
+    roots = {_comfy.DSD_FOLDER: [str(tmp_path / "dsd")], _comfy.BASE_FOLDER: [str(tmp_path / "diffusers")],
+             cdn.CONCEPT_FOLDER: [str(tmp_path / "dsd_concepts")]}
+    for folder in roots.values():
+        os.makedirs(folder[0])
+    os.symlink(os.path.dirname(tiny_model["lora"]), os.path.join(roots[_comfy.DSD_FOLDER][0], DEFAULT_MODEL_NAME))
+    os.symlink(tiny_model["base"], os.path.join(roots[_comfy.BASE_FOLDER][0], DEFAULT_BASE_NAME))
+    monkeypatch.setattr(_comfy, "folder_roots", lambda name: roots.get(name, []))
+    monkeypatch.setattr(_comfy, "torch_device", lambda: "cpu")
+
+    class Interrupted(Exception):
+        pass
+
+    stop = {"now": False}
+    monkeypatch.setattr(_comfy, "interrupted", lambda: stop["now"])
+
+    def check():
+        if stop["now"]:
+            stop["now"] = False
+            raise Interrupted()
+
+    monkeypatch.setattr(_comfy, "check_interrupt", check)
+    inst = images(tmp_path / "toy", n=2)
+    train = dict(name="toy", instance_folder=inst, instance_prompt="photo of a <new1> toy", class_prompt="",
+                 mode="dsd", model=DEFAULT_MODEL_NAME, base=DEFAULT_BASE_NAME, preset="kv", rank=2, steps=3,
+                 learning_rate=0.05, resolution=SIZE, num_class_images=1, class_steps=1, seed=0, resume=False)
+    node = cdn.DSDCustomDiffusionTrain()
+    real_logger_info = cdn.logger.info
+
+    def cancel_after_first_step(*args):
+        stop["now"] = True  # the user presses Cancel during step 1 (the engine stops after step 2)
+        real_logger_info(*args)
+
+    monkeypatch.setattr(cdn.logger, "info", cancel_after_first_step)
+    with pytest.raises(Interrupted):
+        node.train(**train)
+    run = tmp_path / "dsd_concepts" / "runs" / "toy"
+    assert os.listdir(run / "checkpoints") == ["step-00000002"]
+    monkeypatch.setattr(cdn.logger, "info", real_logger_info)
+    path, plot, summary = node.train(**dict(train, resume=True))
+    assert path == str(tmp_path / "dsd_concepts" / "toy.safetensors") and os.path.isfile(path)
+    assert plot.shape == (1, 256, 512, 3) and "3 steps" in summary
+
+    (listed,) = cdn.DSDConceptLoader.INPUT_TYPES()["required"]["concept"][:1]
+    assert listed == ["toy.safetensors"]
+    (concept,) = cdn.DSDConceptLoader().load("toy.safetensors")
+    small, report = cdn.DSDCustomDiffusionCompress().compress(concept, "toy_small", 0.6, 1)
+    assert os.path.isfile(small) and "file size" in report
+
+    handle = nodes.NODE_CLASS_MAPPINGS["DSDModelLoader"]().load(
+        model=DEFAULT_MODEL_NAME, base=DEFAULT_BASE_NAME, dtype="float32", memory="full", speed="exact",
+        download_missing=False)[0]
+    import functools
+
+    from dsd_core.custom_diffusion import merge as merge_module
+
+    quick = functools.partial(merge_module.merge, reg_prompts=["a red car", "a dog on the beach"], sigmas=(0.5,),
+                              size=SIZE, max_sequence_length=32)
+    monkeypatch.setattr(merge_module, "merge", quick)  # the node's defaults are sized for the real model
+    merged, merge_summary = cdn.DSDCustomDiffusionMerge().merge(handle, concept, small, "both", 1e-3)
+    assert "<new1> -> <new2>" in merge_summary
+    with_concept, words = cdn.DSDApplyConcept().apply(handle, merged, 1.0)
+    assert words == "<new1>, <new2>"
+    image = pil_to_tensor(reference_image(seed=9))
+    sampler = nodes.NODE_CLASS_MAPPINGS["DSDSampler"]()
+    args = dict(seed=3, steps=2, guidance=3.5, image_guidance=1.0, text_guidance=1.0, panel_size=SIZE, batch_size=1,
+                lora_scale=1.0)
+    plain = sampler.sample(handle, image, prompt="photo of a toy", **args)[0]
+    tuned = sampler.sample(with_concept, image, prompt="photo of a <new1> toy", **args)[0]
+    assert (tuned - plain).abs().max() > 1e-3
+    assert torch.equal(sampler.sample(handle, image, prompt="photo of a toy", **args)[0], plain)  # model unchanged
+    with pytest.raises(InputError, match="<new3>"):
+        sampler.sample(with_concept, image, prompt="photo of a <new3> toy", **args)

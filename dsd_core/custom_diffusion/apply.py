@@ -18,13 +18,15 @@ _LOCK = threading.RLock()
 
 @contextlib.contextmanager
 def concepts_applied(pipe, concepts, scale: float = 1.0, check: bool = True):
-    """Apply concept files (paths or :class:`ConceptFile`) to ``pipe`` inside the block; yields the handles."""
+    """Apply concept files (paths or :class:`ConceptFile`, or ``(concept, scale)`` pairs) to ``pipe`` inside the
+    block; yields the handles."""
     applied = []
     with _LOCK:
         try:
             for concept in concepts:
+                concept, strength = concept if isinstance(concept, tuple) else (concept, scale)
                 concept = ConceptFile.load(concept) if not isinstance(concept, ConceptFile) else concept
-                applied.append(concept.apply(pipe, scale, check))
+                applied.append(concept.apply(pipe, strength, check))
             yield applied
         finally:
             for handle in reversed(applied):
@@ -52,7 +54,9 @@ class ConceptPipeline:
 
 
 class ConceptModel:
-    """A model handle (like :class:`dsd_core.model_store.LazyPipeline`) whose pipeline has concepts applied."""
+    """A model handle (like :class:`dsd_core.model_store.LazyPipeline`) whose pipeline has concepts applied.
+
+    ``concepts``: :class:`ConceptFile` objects (or paths), or ``(concept, scale)`` pairs."""
 
     def __init__(self, inner, concepts: list, scale: float = 1.0, check: bool = True):
         self.inner, self.concepts, self.scale, self.check = inner, list(concepts), scale, check
