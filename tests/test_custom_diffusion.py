@@ -51,17 +51,9 @@ def generate(pipe, prompt, seed=0):
 
 def random_concept(pipe, token, seed, params=ParameterSet(rank=2)) -> ConceptFile:
     """A concept with random (non-zero) deltas and token embedding, as training would leave it."""
-    g = torch.Generator().manual_seed(seed)
-    deltas = ConceptDeltas.create(pipe.transformer, params, seed=seed)
-    with torch.no_grad():
-        for layer in deltas.layers:
-            for p in layer.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    tokens = ModifierTokens.from_words(pipe, [token], ["cat"])
-    with torch.no_grad():
-        tokens.embeddings["t5"].add_(torch.randn(tokens.embeddings["t5"].shape, generator=g))
-    return ConceptFile(deltas, tokens, base_probe(pipe.transformer, deltas.names),
-                       {"base_kind": "flux", "concepts": [{"instance_prompt": f"photo of a {token} cat"}]})
+    from dsd_core.custom_diffusion.tiny import tiny_concept
+
+    return tiny_concept(pipe.transformer, pipe.text_encoder_2.config.d_model, token, "cat", seed, params, "flux")
 
 
 # ---------------------------------------------------------------------------------------------- parameters

@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-MODEL_SUBDIRS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras", "dsd", "diffusers")
+MODEL_SUBDIRS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras", "dsd", "diffusers", "dsd_concepts")
 
 # extra ComfyUI folder names that point at the same subfolder
 FOLDER_ALIASES = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
@@ -41,6 +41,10 @@ def populate_models(models_dir: Path) -> None:
     shutil.move(parts["reference"], models_dir / "reference.png")
     shutil.rmtree(models_dir / ".tiny")
     write_tiny_comfy_files(str(models_dir))  # the same weights as ComfyUI single files
+    from dsd_core.custom_diffusion.tiny import write_tiny_concept  # a concept delta for the custom-diffusion workflow
+
+    write_tiny_concept(str(models_dir / "dsd_concepts" / "concept.safetensors"),
+                       str(models_dir / "dsd" / DEFAULT_MODEL_NAME), str(models_dir / "diffusers" / DEFAULT_BASE_NAME))
 
 
 def server_environment(root: Path) -> dict:
