@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .datagen import cli as datagen_cli  # subcommand module: add_parser(subparsers) + run(args)
 
     datagen_cli.add_parser(sub)
+    from .custom_diffusion import cli as custom_diffusion_cli  # subcommand module: add_parser / run
+
+    custom_diffusion_cli.add_parser(sub)
     return parser
 
 
@@ -281,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             from .datagen import cli as datagen_cli
 
             return datagen_cli.run(args)
+        if args.command == "custom-diffusion":
+            from .custom_diffusion import cli as custom_diffusion_cli
+
+            return custom_diffusion_cli.run(args)
         return {"generate": run_generate, "tiny-model": run_tiny, "memory": run_memory}[args.command](args)
     except (DSDError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,6 +26,8 @@ _MODULES = {
                 "DSDSplitCanvas"), _CORE),
     "datagen": (("DSDGridPrompts", "DSDFluxLoader", "DSDGridGenerate", "DSDPanelSplit", "DSDCuratePairs",
                  "DSDDataGen"), _CORE),
+    "custom_diffusion": (("DSDConceptLoader", "DSDCustomDiffusionTrain", "DSDCustomDiffusionMerge",
+                          "DSDCustomDiffusionCompress", "DSDApplyConcept"), _CORE),
 }
 
 NODE_CLASS_MAPPINGS: dict = {}

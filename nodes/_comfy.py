@@ -13,12 +13,17 @@ BASE_FOLDER = "diffusers"  # models/diffusers/<name>/ holds a diffusers FLUX.1-d
 
 def register_model_folders() -> None:
     """Add the pack's ``dsd`` model folder to ComfyUI (``models/dsd``); creates no folder."""
+    register_folder(DSD_FOLDER)
+
+
+def register_folder(name: str) -> None:
+    """Add ``models/<name>`` to ComfyUI's model folders (if unknown); creates no folder."""
     try:
         import folder_paths
     except ImportError:
         return
-    if DSD_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(DSD_FOLDER, os.path.join(folder_paths.models_dir, DSD_FOLDER))
+    if name not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
 
 
 def folder_roots(name: str) -> list[str]:
@@ -101,6 +106,15 @@ def check_interrupt() -> None:
     except ImportError:
         return
     mm.throw_exception_if_processing_interrupted()
+
+
+def interrupted() -> bool:
+    """True if the user pressed Cancel; unlike :func:`check_interrupt` it does not raise or clear the flag."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return False
+    return bool(mm.processing_interrupted())
 
 
 def progress_bar(total: int):

@@ -96,6 +96,9 @@ INTERFACES = {
     "DSDPanelSplit": dict(links=[("grids", "IMAGE")], outputs=[("panels", "IMAGE")]),
     "DSDCuratePairs": dict(links=[("panels", "IMAGE")], outputs=[("kept_pairs", "IMAGE"), ("rejected_pairs", "IMAGE"),
                                                                   ("verdicts", "STRING")]),
+    "DSDConceptLoader": dict(links=[], outputs=[("concept", "DSD_CONCEPT")]),
+    "DSDApplyConcept": dict(links=[("dsd_model", "DSD_MODEL"), ("concept", "DSD_CONCEPT")],
+                            outputs=[("dsd_model", "DSD_MODEL"), ("words", "STRING")]),
 }
 #: Widgets whose UI value is followed by the "control after generate" value.
 CONTROL_AFTER_GENERATE = {("DSDSampler", "seed"): "fixed", ("RandomNoise", "noise_seed"): "fixed",
@@ -276,6 +279,32 @@ def training() -> tuple[list[Node], list[tuple]]:
     return nodes, notes
 
 
+def custom_diffusion() -> tuple[list[Node], list[tuple]]:
+    nodes = [
+        Node(1, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, 420), size=(320, 320)),
+        loader(2, (40, 80)),
+        Node(5, "DSDConceptLoader", dict(concept="concept.safetensors"), pos=(40, 310), size=(320, 80)),
+        Node(6, "DSDApplyConcept", dict(strength=1.0), {"dsd_model": (2, 0), "concept": (5, 0)}, pos=(400, 80),
+             size=(300, 110)),
+        sampler(3, (740, 80), model=6, image=1, prompt="this <new1> toy on a beach", seed=11),
+        Node(4, "SaveImage", dict(filename_prefix="dsd_custom_diffusion"), {"images": (3, 0)}, pos=(1160, 80),
+             size=(400, 440)),
+    ]
+    notes = [
+        ((40, -220), (820, 260),
+         "DSD with a Custom Diffusion concept\n\n"
+         "When zero-shot DSD does not keep your subject, tune it once from 4-20 photos: add the node 'DSD Custom "
+         "Diffusion Train' (instance_folder = your photos, instance_prompt = 'photo of a <new1> toy': a new word, "
+         "then the class word; ~500 steps) or run `python -m dsd_core custom-diffusion train`. It writes "
+         "models/dsd_concepts/<name>.safetensors.\n"
+         "Here: 'DSD Load Concept' picks the file, 'DSD Apply Concept' adds it to the loaded model for the samplers "
+         "it feeds, and the prompt uses the new word: 'this <new1> toy on a beach'.\n"
+         "Merge two concepts with 'DSD Custom Diffusion Merge' (both words then work in one prompt); shrink a file "
+         "with 'DSD Custom Diffusion Compress'."),
+    ]
+    return nodes, notes
+
+
 def datagen() -> tuple[list[Node], list[tuple]]:
     """Self-distillation data generation, stage by stage, to look at grids, panels and verdicts."""
     nodes = [
@@ -405,7 +434,8 @@ def native_fp8_lora_stack() -> tuple[list[Node], list[tuple]]:
 
 GRAPHS = {"dsd_basic": basic, "dsd_true_guidance": true_guidance, "dsd_comfy_files": comfy_files,
           "dsd_native": native, "dsd_native_true_guidance": native_true_guidance,
-          "dsd_native_fp8_loras": native_fp8_lora_stack, "dsd_training": training, "dsd_datagen": datagen}
+          "dsd_native_fp8_loras": native_fp8_lora_stack, "dsd_training": training, "dsd_datagen": datagen,
+          "dsd_custom_diffusion": custom_diffusion}
 
 
 def to_api(nodes: list[Node]) -> dict:

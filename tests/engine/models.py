@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-MODEL_SUBDIRS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras", "dsd", "diffusers")
+MODEL_SUBDIRS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras", "dsd", "diffusers", "dsd_concepts")
 
 # extra ComfyUI folder names that point at the same subfolder
 FOLDER_ALIASES = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
@@ -39,6 +39,12 @@ def populate_models(models_dir: Path) -> None:
     reference_image(seed=0).save(models_dir / "reference.png")
     native = write_tiny_native_files(str(models_dir))
     populate_native_names(models_dir, native)
+
+    from dsd_core.custom_diffusion.tiny import write_tiny_concept  # a concept delta for the custom-diffusion workflow
+    from dsd_core.model_store import DEFAULT_BASE_NAME, DEFAULT_MODEL_NAME
+
+    write_tiny_concept(str(models_dir / "dsd_concepts" / "concept.safetensors"),
+                       str(models_dir / "dsd" / DEFAULT_MODEL_NAME), str(models_dir / "diffusers" / DEFAULT_BASE_NAME))
 
 
 #: The files the shipped native workflows name, as the engine models folder has them (head-128 tiny set; the

@@ -53,22 +53,24 @@ def core_pipeline(engine, loader: dict):
                          device="cpu")
 
 
-def expected_image(engine, loader: dict, sampler_inputs: dict) -> np.ndarray:
-    """The same generation through dsd_core directly."""
+def expected_image(engine, loader: dict, sampler_inputs: dict, concepts=()) -> np.ndarray:
+    """The same generation through dsd_core directly (with the concept deltas ``concepts`` applied)."""
+    from dsd_core.custom_diffusion.apply import concepts_applied
     from dsd_core.image import load_image, prepare_reference
 
-    key = json.dumps([loader, sampler_inputs], sort_keys=True, default=str)
+    key = json.dumps([loader, sampler_inputs, [str(c) for c in concepts]], sort_keys=True, default=str)
     if key not in _EXPECTED:
         pipe = core_pipeline(engine, loader)
         pipe.set_progress_bar_config(disable=True)
         s = sampler_inputs
         ref = prepare_reference(load_image(engine.input_dir / REFERENCE), s["panel_size"], s["panel_size"],
                                 mode=s["fit"])
-        out = pipe(ref, s["prompt"], height=s["panel_size"], width=2 * s["panel_size"],
-                   num_inference_steps=s["steps"], guidance_scale=s["guidance"],
-                   image_guidance_scale=s["image_guidance"], text_guidance_scale=s["text_guidance"], seed=s["seed"],
-                   num_images_per_prompt=s["batch_size"], condition_sampling=s["condition_sampling"],
-                   lora_scale=s["lora_scale"], output_type="np")
+        with concepts_applied(pipe, [str(c) for c in concepts]):
+            out = pipe(ref, s["prompt"], height=s["panel_size"], width=2 * s["panel_size"],
+                       num_inference_steps=s["steps"], guidance_scale=s["guidance"],
+                       image_guidance_scale=s["image_guidance"], text_guidance_scale=s["text_guidance"],
+                       seed=s["seed"], num_images_per_prompt=s["batch_size"],
+                       condition_sampling=s["condition_sampling"], lora_scale=s["lora_scale"], output_type="np")
         _EXPECTED[key] = np.clip(255.0 * out.images[0], 0, 255).astype(np.uint8)  # as SaveImage converts
     return _EXPECTED[key]
 
@@ -101,7 +103,9 @@ def test_shipped_api_workflow_runs_and_matches_core(engine, comfy, name):
     assert pixels.shape == (sampler["panel_size"], sampler["panel_size"], 3)
     assert pixels.std() > 5, "blank image"
     loader = next(v for v in prompt.values() if v["class_type"] in ("DSDModelLoader", "DSDFilesLoader"))
-    want = expected_image(engine, loader, sampler)
+    concepts = [engine.models_dir / "dsd_concepts" / v["inputs"]["concept"] for v in prompt.values()
+                if v["class_type"] == "DSDConceptLoader"]
+    want = expected_image(engine, loader, sampler, concepts)
     diff = np.abs(pixels.astype(int) - want.astype(int))
     assert diff.max() == 0, f"engine vs dsd_core: max {diff.max()}, mean {diff.mean():.4f}"
 
