@@ -30,6 +30,10 @@ from .errors import ModelFormatError, ModelNotFoundError
 logger = logging.getLogger(__name__)
 
 CONDITION_KEYS = ("c_embedder.weight", "c_embedder.bias")
+#: A trained model's ``transformer/`` may hold only its ``c_embedder`` plus this link to the base transformer folder
+#: whose other weights it uses unchanged (written by :mod:`dsd_core.training.export`; no 24 GB copy).
+LINK_FILE = "dsd_link.json"
+LINKED_WEIGHTS = "c_embedder.safetensors"
 
 
 class DSDTransformer2DModel(FluxTransformer2DModel):
@@ -156,9 +160,17 @@ class DSDTransformer2DModel(FluxTransformer2DModel):
         an untrained condition layer silently ignores the reference image. Pass ``init_condition_embedder=True``
         to load a plain FLUX transformer on purpose with ``c_embedder`` set to zero (to start training DSD).
         """
+        linked = kwargs.pop("_condition_from_link", False)  # c_embedder comes from the linked folder next
         path = os.fspath(pretrained_model_name_or_path)
         subfolder = kwargs.get("subfolder")
         folder = os.path.join(path, subfolder) if subfolder else path
+        link = read_transformer_link(folder)
+        if link is not None:  # a trained model: the base transformer's weights + its own c_embedder
+            kwargs.pop("subfolder", None)
+            model = cls.from_pretrained(link["base_transformer"], *args, init_condition_embedder=True,
+                                        _condition_from_link=True, **kwargs)
+            _load_linked_condition(model, os.path.join(folder, link["weights"]))
+            return model
         if os.path.isdir(folder):
             has_condition = folder_has_condition_weights(folder)
             if not has_condition and not init_condition_embedder:
@@ -168,7 +180,8 @@ class DSDTransformer2DModel(FluxTransformer2DModel):
                     "(CLI: --init-condition-embedder) to start from FLUX with a zero condition layer."
                 )
             if not has_condition:
-                logger.warning("%s has no c_embedder weights; initialising the condition layer to zero.", folder)
+                (logger.debug if linked else logger.warning)(
+                    "%s has no c_embedder weights; initialising the condition layer to zero.", folder)
                 kwargs["low_cpu_mem_usage"] = False
                 model = super().from_pretrained(path, *args, **kwargs)
                 with torch.no_grad():
@@ -215,3 +228,46 @@ def folder_has_condition_weights(folder: str) -> bool:
         if all(k in keys for k in CONDITION_KEYS):
             return True
     return False
+
+
+def read_transformer_link(folder: str) -> dict | None:
+    """The link of a trained model's ``transformer/`` folder (``dsd_link.json``), or None for an ordinary folder.
+
+    The base folder may be given relative to the linked folder; it must exist.
+    """
+    path = os.path.join(folder, LINK_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            link = json.load(f)
+        base = os.path.join(folder, os.path.expanduser(link["base_transformer"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelFormatError(f"{path} is damaged (expected JSON with base_transformer); train again or restore it.")
+    if not os.path.isdir(base):
+        raise ModelNotFoundError(
+            f"{folder} uses the base transformer {base}, which does not exist (moved or deleted?). Restore it, edit "
+            f"base_transformer in {path}, or export the model again with export_full_transformer."
+        )
+    return {"base_transformer": base, "weights": link.get("weights", LINKED_WEIGHTS)}
+
+
+def _load_linked_condition(model: "DSDTransformer2DModel", path: str) -> None:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"{path} is missing: the trained c_embedder of this model folder.")
+    state = load_file(path)
+    missing = [k for k in CONDITION_KEYS if k not in state]
+    if missing:
+        raise ModelFormatError(f"{path} has no {missing[0]}; it is not a c_embedder file.")
+    layer = model.c_embedder
+    if type(layer.weight) is not torch.nn.Parameter and not isinstance(layer.weight, torch.Tensor):
+        raise ModelFormatError("the condition layer is quantized; load this model with native or fp8 weights.")
+    with torch.no_grad():
+        for key in CONDITION_KEYS:
+            target = getattr(layer, key.split(".")[1])
+            if tuple(target.shape) != tuple(state[key].shape):
+                raise ModelFormatError(f"{path}: {key} has shape {tuple(state[key].shape)}, the model expects "
+                                       f"{tuple(target.shape)}; the base transformer does not match this model.")
+            target.copy_(state[key].to(target.dtype))
