@@ -2,9 +2,9 @@
 
 A :class:`Canvas` is one encoded 1x2 DSD example: the clean canvas latents (reference | result, packed), the packed
 condition latents (reference | black), the prompt's T5/CLIP embeddings and the empty prompt's (for the unconditional
-branches of true guidance). Canvases come from the teacher itself (:func:`teacher_canvases`: the teacher generates the
-right half from a reference and a prompt, as DSD's own data pipeline does) or from the training engine's paired
-dataset; :func:`save_canvases` / :func:`load_canvases` cache them as safetensors.
+branches of true guidance). Canvases are encoded from a paired dataset by the training engine (and cached there);
+:func:`write_teacher_pairs` makes such a dataset from references and prompts alone, with the teacher painting the
+right panels (DSD's own data recipe: the model's outputs are the targets).
 
 :func:`noisy_inputs` builds one transformer call the way the student will be used at inference:
 
@@ -24,7 +24,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .. import canvas as cv
 from ..errors import InputError
 
 BRANCHES = ("text_image", "image", "uncond")
@@ -68,116 +67,106 @@ class InputSampling:
             raise InputError(f"guidance_range {self.guidance_range} has its minimum above its maximum.")
 
 
-def sample_sigma(generator: torch.Generator, scheme: str = "logit_normal") -> float:
-    u = torch.randn(1, generator=generator) if scheme == "logit_normal" else torch.rand(1, generator=generator)
-    return float(torch.sigmoid(u) if scheme == "logit_normal" else u)
+def sample_sigmas(n: int, generator: torch.Generator, scheme: str = "logit_normal") -> torch.Tensor:
+    if scheme == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=generator))
+    return torch.rand(n, generator=generator)
+
+
+def _per_sample(value, n: int, dtype=torch.float32) -> torch.Tensor | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).to(dtype).expand(n) if value.numel() == 1 else value.to(dtype)
+    return torch.full((n,), float(value), dtype=dtype)
 
 
 def noisy_inputs(canvas: Canvas, generator: torch.Generator, sampling: InputSampling = InputSampling(),
-                 sigma: float | None = None, branch: str | None = None, guidance: float | None = None,
+                 sigma=None, branch: str | list[str] | None = None, guidance=None,
                  guidance_embeds: bool = True) -> tuple[dict, torch.Tensor]:
-    """(transformer kwargs, flow-matching target) for one canvas; unset choices are drawn from ``generator``."""
-    sigma = sample_sigma(generator, sampling.sigma_sampling) if sigma is None else float(sigma)
+    """(transformer kwargs, flow-matching target) for a canvas batch (``latents`` of shape ``(B, N, 64)``).
+
+    ``sigma`` / ``guidance`` (a number or one per sample) and ``branch`` (a name or one per sample) are drawn from
+    ``generator`` when not given, per sample. Everything random comes from ``generator`` (exact resume).
+    """
+    x0 = canvas.latents
+    n, device, dtype = x0.shape[0], x0.device, x0.dtype
+    sigmas = _per_sample(sigma, n)
+    if sigmas is None:
+        sigmas = sample_sigmas(n, generator, sampling.sigma_sampling)
     if branch is None:
         probs = torch.tensor(sampling.branch_probs, dtype=torch.float64)
-        branch = BRANCHES[int(torch.multinomial(probs / probs.sum(), 1, generator=generator))]
-    if branch not in BRANCHES:
-        raise InputError(f"unknown guidance branch {branch!r}; choose one of {', '.join(BRANCHES)}.")
-    if guidance is None:
+        branches = [BRANCHES[int(i)] for i in torch.multinomial(probs / probs.sum(), n, replacement=True,
+                                                                generator=generator)]
+    else:
+        branches = [branch] * n if isinstance(branch, str) else list(branch)
+    bad = [b for b in branches if b not in BRANCHES]
+    if bad or len(branches) != n:
+        raise InputError(f"unknown guidance branch {bad[0] if bad else branches!r}; choose from {', '.join(BRANCHES)}.")
+    g = _per_sample(guidance, n)
+    if g is None:
         lo, hi = sampling.guidance_range
-        guidance = lo + (hi - lo) * float(torch.rand(1, generator=generator))
-    x0 = canvas.latents
-    noise = torch.randn(x0.shape, generator=generator).to(device=x0.device, dtype=x0.dtype)
-    x_t = (1.0 - sigma) * x0 + sigma * noise
-    text = branch == "text_image"
-    cond = canvas.condition if branch != "uncond" else torch.zeros_like(canvas.condition)
+        g = lo + (hi - lo) * torch.rand(n, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator).to(device=device, dtype=dtype)
+    s = sigmas.to(device=device, dtype=dtype).view(-1, 1, 1)
+    x_t = (1.0 - s) * x0 + s * noise
+    text = torch.tensor([b == "text_image" for b in branches], device=device).view(-1, 1, 1)
+    uncond = torch.tensor([b == "uncond" for b in branches], device=device).view(-1, 1, 1)
     kwargs = dict(
         hidden_states=x_t,
-        condition_hidden_states=cond,
-        encoder_hidden_states=canvas.prompt_embeds if text else canvas.empty_embeds,
-        pooled_projections=canvas.pooled if text else canvas.empty_pooled,
-        timestep=torch.full((x0.shape[0],), sigma, dtype=x0.dtype, device=x0.device),
-        guidance=torch.full((x0.shape[0],), guidance, dtype=torch.float32, device=x0.device) if guidance_embeds
-        else None,
+        condition_hidden_states=torch.where(uncond, torch.zeros_like(canvas.condition), canvas.condition),
+        encoder_hidden_states=torch.where(text, canvas.prompt_embeds, canvas.empty_embeds.to(canvas.prompt_embeds)),
+        pooled_projections=torch.where(text.view(-1, 1), canvas.pooled, canvas.empty_pooled.to(canvas.pooled)),
+        timestep=sigmas.to(device=device, dtype=dtype),
+        guidance=g.to(device=device, dtype=torch.float32) if guidance_embeds else None,
         txt_ids=canvas.text_ids, img_ids=canvas.img_ids, return_dict=False,
     )
     return kwargs, noise - x0
 
 
-def collate(items: list[tuple[dict, torch.Tensor]]) -> tuple[dict, torch.Tensor]:
-    """Stack single-canvas inputs of equal size into one batch (ids are shared)."""
-    kwargs = {}
-    for k, v in items[0][0].items():
-        if isinstance(v, torch.Tensor) and k not in ("txt_ids", "img_ids"):
-            kwargs[k] = torch.cat([it[0][k] for it in items])
-        else:
-            kwargs[k] = v
-    return kwargs, torch.cat([it[1] for it in items])
+def collate_canvases(canvases: list[Canvas]) -> Canvas:
+    """Canvases of equal size stacked into one batch (position ids are shared)."""
+    first = canvases[0]
+    return Canvas(**{f.name: getattr(first, f.name) if "ids" in f.name else
+                     torch.cat([getattr(c, f.name) for c in canvases]) for f in fields(Canvas)})
 
 
 # ---------------------------------------------------------------------------------------------- making canvases
-@torch.no_grad()
-def encode_prompts(pipe, prompt: str, max_sequence_length: int = 512):
-    device = pipe._execution_device
-    embeds, pooled, text_ids = pipe.encode_text(prompt, device, max_sequence_length)
-    empty, empty_pooled, _ = pipe.encode_text("", device, max_sequence_length)
-    return embeds, pooled, empty, empty_pooled, text_ids
+def write_teacher_pairs(pipe, references, prompts, out_dir: str, panel_size: int = 512, steps: int = 28,
+                        guidance: float = 3.5, seed: int = 0, progress=None) -> str:
+    """A paired dataset painted by the teacher: for each (reference, prompt) the teacher generates the right panel.
 
-
-@torch.no_grad()
-def teacher_canvases(pipe, references, prompts, height: int = 512, width: int = 1024, steps: int = 28,
-                     guidance: float = 3.5, seed: int = 0, max_sequence_length: int = 512,
-                     progress=None) -> list[Canvas]:
-    """One canvas per (reference, prompt): the teacher pipeline paints the right half (its latents are ``x0``).
-
-    ``references`` are PIL images (fitted to one panel) or ``(1, 3, H, W/2)`` tensors; canvas ``k`` uses seed
-    ``seed + k`` for the generation and for the condition's posterior sample.
+    Writes ``out_dir/metadata.jsonl`` (``reference``, ``target``, ``caption``) with the PNGs next to it -- the format
+    of :mod:`dsd_core.training.data`, so the engine encodes and caches it like any paired dataset. ``references``
+    are PIL images; pair ``k`` uses seed ``seed + k``. The folder is written under a temporary name, then renamed.
     """
+    from ..image import prepare_reference
+    from ..training.data import METADATA
+    from ..training.io import replace_dir
+
     if len(references) != len(prompts):
         raise InputError(f"got {len(references)} references and {len(prompts)} prompts; pass one prompt per reference.")
-    out = []
-    dtype = pipe.transformer.dtype
-    device = pipe._execution_device
-    img_ids = cv.latent_image_ids(height, width, device, dtype, pipe.vae_scale_factor)
+    if not references:
+        raise InputError("no references given; pass at least one reference image and prompt.")
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder for the teacher's pairs.")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=".pairs-")
+    lines = []
     for k, (ref, prompt) in enumerate(zip(references, prompts)):
-        result = pipe(ref, prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                      seed=seed + k, output_type="latent", max_sequence_length=max_sequence_length)
-        reference = pipe._reference_tensor(ref, height, width // 2, "center_crop")
-        condition = pipe.prepare_condition(reference, [seed + k], "sample", None, device, dtype)
-        embeds, pooled, empty, empty_pooled, text_ids = encode_prompts(pipe, prompt, max_sequence_length)
-        out.append(Canvas(result.images, condition, embeds, pooled, empty, empty_pooled, text_ids, img_ids))
+        ref = prepare_reference(ref, panel_size, panel_size)
+        out = pipe(ref, prompt, height=panel_size, width=2 * panel_size, num_inference_steps=steps,
+                   guidance_scale=guidance, seed=seed + k)
+        ref.save(os.path.join(tmp, f"{k:05d}_reference.png"))
+        out.images[0].save(os.path.join(tmp, f"{k:05d}_target.png"))
+        lines.append(json.dumps({"reference": f"{k:05d}_reference.png", "target": f"{k:05d}_target.png",
+                                 "caption": prompt, "seed": seed + k, "source": "teacher"}))
         if progress is not None:
             progress(k + 1, len(prompts))
-    return out
-
-
-def save_canvases(path: str, canvases: list[Canvas], meta: dict | None = None) -> str:
-    """Cache canvases in one safetensors file (written to a temp file, then renamed)."""
-    from safetensors.torch import save_file
-
-    state = {f"{i}.{f.name}": getattr(c, f.name).detach().cpu().clone()
-             for i, c in enumerate(canvases) for f in fields(Canvas)}
-    path = os.path.abspath(os.path.expanduser(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"count": str(len(canvases)), "meta": json.dumps(meta or {}, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def load_canvases(path: str) -> tuple[list[Canvas], dict]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        header = f.metadata() or {}
-        if "count" not in header:
-            raise InputError(f"{path} is not a canvas cache written by dsd_core.distill (no 'count' in its header).")
-        canvases = [Canvas(**{fl.name: f.get_tensor(f"{i}.{fl.name}") for fl in fields(Canvas)})
-                    for i in range(int(header["count"]))]
-    return canvases, json.loads(header.get("meta", "{}"))
+    with open(os.path.join(tmp, METADATA), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)
+    replace_dir(tmp, out_dir)
+    return out_dir

@@ -31,6 +31,7 @@ from .layout import DOUBLE, SINGLE, StudentLayout
 logger = logging.getLogger(__name__)
 
 STUDENT_FILE = "student.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' name; one file (a student is at most ~12 GB)
 METADATA_KEY = "dsd_student"
 FORMAT = "dsd-student"
 
@@ -102,48 +103,48 @@ def student_info(student, layout: StudentLayout, teacher_params: int | None = No
     return info
 
 
-def save_student(student, folder: str, info: dict, single_file: str | None = None) -> str:
+def save_student(student, folder: str, info: dict, single_file: str | None = None, replace: bool = False,
+                 dtype: torch.dtype | None = None) -> str:
     """Write ``student`` as a DSD transformer folder (+ ``student.json``), atomically; optionally one safetensors file.
 
-    ``folder`` must not exist or be empty (a previous student is never half overwritten).
+    ``folder`` must not exist or be empty unless ``replace`` (a previous student is never half overwritten).
+    ``dtype`` stores the weights in that dtype (e.g. bfloat16 for a float32-trained student).
     """
+    from ..training.io import atomic_save_file, atomic_write_text, replace_dir
+
     folder = os.path.abspath(os.path.expanduser(folder))
-    if os.path.isdir(folder) and os.listdir(folder):
+    if not replace and os.path.isdir(folder) and os.listdir(folder):
         raise FileExistsError(f"{folder} exists and is not empty; choose a new folder for the student.")
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".student-")
     try:
-        student.save_pretrained(tmp, safe_serialization=True)
-        with open(os.path.join(tmp, STUDENT_FILE), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2, sort_keys=True)
-        if os.path.isdir(folder):
+        student.save_config(tmp)
+        atomic_save_file(_stored_state(student, dtype), os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        atomic_write_text(os.path.join(tmp, STUDENT_FILE), json.dumps(info, indent=2, sort_keys=True))
+        if os.path.isdir(folder) and not os.listdir(folder):
             os.rmdir(folder)
-        os.replace(tmp, folder)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if single_file:
-        save_student_file(student, single_file, info)
+        save_student_file(student, single_file, info, dtype)
     return folder
 
 
-def save_student_file(student, path: str, info: dict) -> str:
+def _stored_state(student, dtype: torch.dtype | None) -> dict:
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
+            for k, v in student.state_dict().items()}
+
+
+def save_student_file(student, path: str, info: dict, dtype: torch.dtype | None = None) -> str:
     """The student as one safetensors file (diffusers keys) with ``info`` in the header, written atomically."""
-    from safetensors.torch import save_file
+    from ..training.io import atomic_save_file
 
     path = os.path.abspath(os.path.expanduser(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        state = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
-        save_file(state, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(info, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_save_file(_stored_state(student, dtype), path,
+                     metadata={"format": "pt", METADATA_KEY: json.dumps(info, sort_keys=True)})
     return path
 
 
