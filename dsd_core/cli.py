@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_tiny(sub)
     _add_memory(sub)
+    from .distill import cli as distill_cli  # python -m dsd_core distill data|prune|train|eval
+
+    distill_cli.add_parser(sub)
     return parser
 
 
@@ -261,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        if args.command == "distill":
+            from .distill import cli as distill_cli
+
+            return distill_cli.run(args)
         return {"generate": run_generate, "tiny-model": run_tiny, "memory": run_memory}[args.command](args)
     except (DSDError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -165,3 +165,61 @@ def test_pruned_student_round_trips_through_save_load_and_the_pipeline(setup, tm
     same.set_progress_bar_config(disable=True)
     assert torch.allclose(same(ref, "a photo of the cat", **call).images,
                           teacher_pipe(ref, "a photo of the cat", **call).images, atol=1e-6)
+
+
+def test_on_device_chain_through_the_cli(setup, tmp_path, capsys):
+    """teacher -> teacher-painted pairs -> pruned student (importance) -> distil (YAML) -> fp8 storage + DSD LoRA
+    personalisation of the student -> generate, and the evaluation report."""
+    from PIL import Image
+
+    from dsd_core.cli import main
+    from dsd_core.tiny import reference_image
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for k in range(2):
+        reference_image(64, 64, seed=40 + k).save(refs / f"ref{k}.png")
+    (tmp_path / "prompts.txt").write_text("a photo of the cat\nthe dog on a red chair\n")
+    common = ["--base", setup["base"], "--local-files-only", "--panel-size", str(PANEL)]
+    pairs = tmp_path / "pairs"
+    assert main(["distill", "data", "--model", setup["model"], "--references", str(refs), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--out", str(pairs), "--steps", "2", "--quiet", *common]) == 0
+    assert len(load_pairs(str(pairs))) == 2
+    student = tmp_path / "student"
+    assert main(["distill", "prune", "--model", setup["model"], "--preset", "half", "--selection", "importance",
+                 "--data", str(pairs), "--out", str(student), *common]) == 0
+    info = read_student_info(str(student))
+    assert len(info["kept_double"]) == 2 and len(info["importance"]["single"]) == 4
+    assert "parameters:" in capsys.readouterr().out
+    yaml = tmp_path / "distill.yaml"
+    yaml.write_text(f"data: {pairs}\nbase: {setup['base']}\nmodel: {setup['model']}\noutput: {tmp_path / 'out'}\n"
+                    f"student: {student}\npanel_size: {PANEL}\nmin_image_size: 16\nmax_steps: 3\ncpu: true\n"
+                    "checkpoint_every: 0\nvalidate_every: 0\nlocal_files_only: true\nmax_sequence_length: 16\n"
+                    "lr: 0.0005\nguidance_min: 2.0\nguidance_max: 5.0\n")
+    assert main(["distill", "train", "--config", str(yaml), "--quiet"]) == 0
+    distilled = tmp_path / "out"
+    assert read_student_info(str(distilled / "transformer"))["kept_double"] == info["kept_double"]
+
+    # personalise on the device: DSD LoRA training of the student with fp8 transformer weights (the 16gb preset)
+    from dsd_core.training.methods.dsd_lora import DSDLoRAOptions
+
+    cfg = TrainConfig(data=setup["data"], base=setup["base"], from_flux=str(distilled / "transformer"),
+                      output=str(tmp_path / "personal"), panel_size=PANEL, min_image_size=16, max_steps=2, cpu=True,
+                      checkpoint_every=0, validate_every=0, local_files_only=True, memory="16gb")
+    lora_method = get_method("dsd-lora")(cfg, DSDLoRAOptions(rank=2, alpha=2, max_sequence_length=16))
+    Trainer(cfg, lora_method, progress_bar=False).train()
+    out_png = tmp_path / "gen.png"
+    assert main(["generate", "--image", str(refs / "ref0.png"), "--prompt", "the cat on a beach", "--out",
+                 str(out_png), "--base", setup["base"], "--model", str(tmp_path / "personal"), "--memory", "16gb",
+                 "--steps", "2", "--height", str(PANEL), "--width", str(2 * PANEL), "--seed", "1", "--offline",
+                 "--quiet"]) == 0
+    assert Image.open(out_png).size == (PANEL, PANEL)
+
+    report_dir = tmp_path / "report"
+    assert main(["distill", "eval", "--model", setup["model"], "--student", str(distilled / "transformer"),
+                 "--data", setup["held_out"], "--out", str(report_dir), "--steps", "2", "--repeats", "1", *common]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["params"] < report["teacher_params"] and report["speed"]["ratio"] > 0
+    assert report["full_size"]["double"] == 10 and report["psnr"] > 0
+    assert Image.open(report_dir / "grid.png").size == (3 * PANEL, 2 * PANEL)
+    assert "PSNR vs teacher" in capsys.readouterr().out

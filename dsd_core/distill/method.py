@@ -102,11 +102,10 @@ class DistillationMethod(DSDLoRAMethod):
     Options = DistillOptions
 
     # ------------------------------------------------------------------ models
-    def load(self, device, dtype) -> None:
+    def load_teacher(self, device, dtype) -> None:
+        """The teacher pipeline (LoRA fused, frozen) and the empty prompt; enough for :meth:`eval_inputs`."""
         from ..loading import load_pipeline, resolve_model
         from ..memory.config import resolve_memory
-        from ..pipeline import DSDPipeline
-        from .student import build_student, load_student
 
         c, o = self.config, self.options
         if not c.model or c.from_flux:
@@ -123,6 +122,18 @@ class DistillationMethod(DSDLoRAMethod):
             if module is not None:
                 module.requires_grad_(False)
                 module.eval()
+        self.teacher = teacher
+        self.device = torch.device(device)
+        with torch.no_grad():
+            empty, empty_pooled, _ = pipe.encode_text("", self.device, o.max_sequence_length)
+        self.empty_embeds, self.empty_pooled = empty.cpu(), empty_pooled.cpu()
+
+    def load(self, device, dtype) -> None:
+        from ..pipeline import DSDPipeline
+        from .student import build_student, load_student
+
+        self.load_teacher(device, dtype)
+        o, teacher = self.options, self.teacher
         if o.student:
             student, info = load_student(o.student, dtype=torch.float32)
             if info is None:
@@ -142,14 +153,9 @@ class DistillationMethod(DSDLoRAMethod):
         student.requires_grad_(True)
         student.train()
         self.student = self.transformer = student
-        self.device = torch.device(device)
-        self.teacher = teacher
         self.pairs = self.layout.feature_map(o.feature_map)
-        self.student_pipe = DSDPipeline(**{**pipe.components, "transformer": student})
+        self.student_pipe = DSDPipeline(**{**self.pipe.components, "transformer": student})
         self.student_pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
-            empty, empty_pooled, _ = pipe.encode_text("", self.device, o.max_sequence_length)
-        self.empty_embeds, self.empty_pooled = empty.cpu(), empty_pooled.cpu()
         self.last_terms: dict[str, float] = {}
         logger.info("distilling into a student with %s", self.layout.describe())
 
