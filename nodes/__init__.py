@@ -21,6 +21,7 @@ _MODULES = {
     "image_prep": (("DSDImagePrep",), ()),
     "sampler": (("DSDSampler",), _CORE),
     "prompt_enhancer": (("DSDPromptEnhancer",), ()),
+    "distill": (("DSDTeacherPairs", "DSDBuildStudent", "DSDDistillStudent", "DSDCompareStudent"), _CORE),
 }
 
 NODE_CLASS_MAPPINGS: dict = {}
