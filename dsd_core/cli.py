@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .custom_diffusion import cli as custom_diffusion_cli  # subcommand module: add_parser / run
 
     custom_diffusion_cli.add_parser(sub)
+    from .distill import cli as distill_cli  # python -m dsd_core distill data|prune|train|eval
+
+    distill_cli.add_parser(sub)
     return parser
 
 
@@ -288,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             from .custom_diffusion import cli as custom_diffusion_cli
 
             return custom_diffusion_cli.run(args)
+        if args.command == "distill":
+            from .distill import cli as distill_cli
+
+            return distill_cli.run(args)
         return {"generate": run_generate, "tiny-model": run_tiny, "memory": run_memory}[args.command](args)
     except (DSDError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

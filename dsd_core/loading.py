@@ -126,7 +126,25 @@ def resolve_model(model: str | None = DEFAULT_MODEL, transformer: str | None = N
     transformer = os.path.expanduser(os.fspath(transformer))
     if not os.path.isdir(transformer):
         raise ModelNotFoundError(f"DSD transformer folder {transformer} does not exist; pass the transformer/ folder.")
+    if lora is None and folder is not None and not os.path.isfile(os.path.join(folder, LORA_FILENAME)) \
+            and lora_is_fused(transformer):
+        lora = False  # a distilled student carries the DSD LoRA in its weights (dsd_core.distill)
     return transformer, resolve_lora(lora, folder)
+
+
+def lora_is_fused(transformer_dir: str) -> bool:
+    """Whether the transformer folder says the DSD LoRA is already merged into it (a distilled student's
+    ``student.json`` with ``lora_fused``)."""
+    import json
+
+    path = os.path.join(transformer_dir, "student.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            return bool(json.load(f).get("lora_fused"))
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_lora(lora: str | bool | None, folder: str | None) -> str | None:

@@ -28,6 +28,7 @@ _MODULES = {
                  "DSDDataGen"), _CORE),
     "custom_diffusion": (("DSDConceptLoader", "DSDCustomDiffusionTrain", "DSDCustomDiffusionMerge",
                           "DSDCustomDiffusionCompress", "DSDApplyConcept"), _CORE),
+    "distill": (("DSDTeacherPairs", "DSDBuildStudent", "DSDDistillStudent", "DSDCompareStudent"), _CORE),
 }
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -76,6 +76,17 @@ def full_path(name: str, filename: str) -> str | None:
     return path
 
 
+def output_dir() -> str:
+    """ComfyUI's output folder, or a temporary folder outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), "dsd_output")
+    return folder_paths.get_output_directory()
+
+
 def torch_device() -> str:
     try:
         import comfy.model_management as mm

@@ -242,11 +242,12 @@ def _gguf_type(cfg: MemoryConfig, default: str) -> str:
 def estimate(memory=None, *, height: int = 512, width: int = 1024, num_images: int = 1,
              num_inference_steps: int = 28, true_guidance: bool = False, batch_true_guidance: bool = False,
              attention: str = "sdpa", gguf_type: str = DEFAULT_GGUF_TYPE,
-             lora_bytes: float = DSD_LORA_FILE_BYTES) -> MemoryEstimate:
+             lora_bytes: float = DSD_LORA_FILE_BYTES, transformer_size: ComponentSize | None = None) -> MemoryEstimate:
     """Estimate VRAM, host RAM and transfers of full-size DSD on a CUDA GPU, bf16 compute, for ``memory``
-    (preset name, :class:`MemoryConfig`, dict or ``None``). See the module docstring for the formulas."""
+    (preset name, :class:`MemoryConfig`, dict or ``None``). See the module docstring for the formulas.
+    ``transformer_size`` replaces the full DSD transformer (e.g. a pruned student, :mod:`dsd_core.distill`)."""
     cfg = resolve_memory(memory)
-    sizes = component_sizes()
+    sizes = component_sizes() if transformer_size is None else {**component_sizes(), "transformer": transformer_size}
     tr, t5, clip, vae = (sizes[k] for k in ("transformer", "t5", "clip", "vae"))
     bytes_per = 2  # bf16 compute
 

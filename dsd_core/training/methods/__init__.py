@@ -12,6 +12,7 @@ from .base import NoOptions, TrainingMethod
 #: method name -> "module:Class" (relative to this package)
 METHODS = {
     "dsd-lora": "dsd_lora:DSDLoRAMethod",
+    "distill": "..distill.method:DistillationMethod",  # dsd_core/distill/method.py
 }
 
 
