@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import InputError
+from .options import PANEL, PANEL_MAX, PANEL_MIN, PANEL_STEP
 
-#: A panel side (the canvas is ``size x 2*size``): multiples of 16 (VAE 8x times 2x2 packing), 64 to 2048.
-PANEL_SIZE = {"default": 512, "min": 64, "max": 2048, "step": 16}
+#: A panel side (the canvas is ``size x 2*size``): multiples of 16 (VAE 8x times 2x2 packing), 64 to 2048; the
+#: node widget spec built from :mod:`dsd_core.options`.
+PANEL_SIZE = {"default": PANEL, "min": PANEL_MIN, "max": PANEL_MAX, "step": PANEL_STEP}
 #: References enlarged more than this factor to fill a panel are reported (detail is invented, not kept).
 UPSCALE_NOTE_FACTOR = 2.0
 

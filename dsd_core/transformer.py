@@ -177,7 +177,7 @@ class DSDTransformer2DModel(FluxTransformer2DModel):
                 raise ModelFormatError(
                     f"{folder} holds a plain FLUX transformer (no c_embedder weights), not a DSD transformer. "
                     "Use the transformer/ folder of primecai/dsd_model, or pass init_condition_embedder=True "
-                    "(CLI: --init-condition-embedder) to start from FLUX with a zero condition layer."
+                    "to start from FLUX with a zero condition layer (for training)."
                 )
             if not has_condition:
                 (logger.debug if linked else logger.warning)(

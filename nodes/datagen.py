@@ -106,20 +106,24 @@ class DSDFluxLoader:
         from dsd_core.memory.config import PRESETS
         from dsd_core.model_store import DEFAULT_BASE_NAME, list_base_models
 
-        from .loader import DTYPES, _choices
+        from dsd_core.options import DTYPE_CHOICES, DTYPE_HELP
+
+        from .loader import _choices
 
         return {"required": {
             "base": (_choices(DEFAULT_BASE_NAME, list_base_models(_comfy.folder_roots(_comfy.BASE_FOLDER))),
                      {"default": DEFAULT_BASE_NAME,
                       "tooltip": "FLUX.1-dev diffusers folder under models/diffusers, with its transformer/."}),
-            "dtype": (DTYPES, {"default": "auto", "tooltip": "auto: bfloat16 on a GPU, float32 on CPU."}),
+            "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": DTYPE_HELP}),
             "memory": (list(PRESETS), {"default": "full", "tooltip": _help("memory")}),
         }}
 
     def load(self, base, dtype, memory):
         from dsd_core.errors import ModelNotFoundError
         from dsd_core.loading import load_flux_pipeline
+        from dsd_core.memory.config import MemoryConfig
         from dsd_core.model_store import find_folder
+        from dsd_core.options import parse_dtype
 
         path = find_folder(base, _comfy.folder_roots(_comfy.BASE_FOLDER))
         if path is None:
@@ -127,7 +131,7 @@ class DSDFluxLoader:
                                      "FLUX.1-dev folder (with transformer/) there.")
         device = _comfy.torch_device()
         _comfy.make_room(device)
-        pipe = load_flux_pipeline(path, dtype=None if dtype == "auto" else dtype, device=device, memory=memory,
+        pipe = load_flux_pipeline(path, dtype=parse_dtype(dtype), device=device, memory=MemoryConfig.from_name(memory),
                                   local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         return (pipe,)

@@ -19,11 +19,11 @@ PRESETS = ["half", "quarter", "full"]
 def _model_paths(dsd_model) -> tuple[str, str]:
     from dsd_core.errors import InputError
 
-    spec = dsd_model.spec
-    if not hasattr(spec, "model"):
+    source = dsd_model.spec.source
+    if not hasattr(source, "model"):
         raise InputError("distillation needs a DSD model loaded from folders (DSD Model Loader: models/dsd/<name> "
                          "with transformer/ + LoRA, and a diffusers FLUX.1-dev base), not from single files.")
-    return spec.model, spec.base
+    return source.model, source.base
 
 
 def _dsd_root() -> str:
@@ -43,7 +43,11 @@ def _name(name: str) -> str:
 
 
 def _device_dtype(dsd_model):
-    return dsd_model.spec.device or _comfy.torch_device(), dsd_model.spec.dtype
+    """The loaded model's device and its dtype's name (``None`` for auto)."""
+    from dsd_core.options import dtype_name
+
+    dtype = dsd_model.spec.dtype
+    return dsd_model.spec.device or _comfy.torch_device(), None if dtype is None else dtype_name(dtype)
 
 
 def _bar(total: int):
@@ -88,7 +92,7 @@ class DSDTeacherPairs:
         if not lines:
             raise InputError("no prompts given; write one prompt per line.")
         refs = tensor_to_pil(images)
-        key = hashlib.sha256(json.dumps([dsd_model.spec.model, lines, panel_size, steps, seed]).encode()
+        key = hashlib.sha256(json.dumps([str(getattr(dsd_model.spec.source, "model", dsd_model.spec.source)), lines, panel_size, steps, seed]).encode()
                              + images.numpy().tobytes()).hexdigest()[:12]
         out = os.path.join(_comfy.output_dir(), "dsd_distill", f"pairs-{key}")
         if os.path.isfile(os.path.join(out, "metadata.jsonl")):
@@ -174,6 +178,7 @@ class DSDDistillStudent:
         from dsd_core.errors import DSDError
         from dsd_core.image import pil_to_tensor
         from dsd_core.model_store import LazyPipeline, PipelineSpec
+        from dsd_core.sources import FolderSource
         from dsd_core.training import TrainConfig
 
         model, base = _model_paths(dsd_model)
@@ -198,7 +203,8 @@ class DSDDistillStudent:
         if result.interrupted:
             _comfy.check_interrupt()
             raise DSDError(f"distillation stopped at step {result.step}; run again to continue from the checkpoint.")
-        handle = LazyPipeline(PipelineSpec(base=base, model=out, dtype=dtype, device=dsd_model.spec.device,
+        handle = LazyPipeline(PipelineSpec(source=FolderSource(base=base, model=out, local_files_only=True),
+                                           dtype=dsd_model.spec.dtype, device=dsd_model.spec.device,
                                            memory=dsd_model.spec.memory, speed=dsd_model.spec.speed))
         return (handle, out, pil_to_tensor(loss_curve(result.losses)))
 

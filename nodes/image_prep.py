@@ -19,17 +19,18 @@ class DSDImagePrep:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from dsd_core.image import FIT_MODES, RESAMPLE_FILTERS
+        from dsd_core import options as o
         from dsd_core.inputs import PANEL_SIZE
 
         return {"required": {
             "image": ("IMAGE",),
-            "fit": (list(FIT_MODES), {"default": "center_crop"}),
-            "resample": (list(RESAMPLE_FILTERS), {"default": "bicubic",
-                                                  "tooltip": "bicubic is Pillow's default and the reference's."}),
+            "fit": (list(o.FIT_MODES), {"default": "center_crop",
+                                        "tooltip": "; ".join(f"{k}: {v}" for k, v in o.FIT_MODES.items())}),
+            "resample": (list(o.RESAMPLE_FILTERS), {"default": "bicubic",
+                                                    "tooltip": "bicubic is Pillow's default and the reference's."}),
             "panel_size": ("INT", {**PANEL_SIZE,
                                    "tooltip": "Side of the square panel (the DSD Sampler accepts the same sizes); "
-                                              "DSD was trained at 512."}),
+                                              f"DSD was trained at {o.PANEL}."}),
             "pad_color": (list(PAD_COLORS), {"default": "white", "tooltip": "Fill colour for fit = pad."}),
         }}
 

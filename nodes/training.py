@@ -134,7 +134,10 @@ class DSDTrainLoRA:
         import torch
 
         from dsd_core.errors import InputError
+        from dsd_core.memory.config import MemoryConfig
         from dsd_core.model_store import LazyPipeline, PipelineSpec
+        from dsd_core.options import parse_dtype
+        from dsd_core.sources import FolderSource
         from dsd_core.training import Trainer, TrainConfig, get_method
         from dsd_core.training.methods.dsd_lora import DSDLoRAOptions
 
@@ -196,8 +199,9 @@ class DSDTrainLoRA:
                 del method  # free the training copy of the model before the sampler loads the result
         if result.interrupted:
             _comfy.raise_interrupted()
-        handle = LazyPipeline(PipelineSpec(base=base_dir, model=output, dtype=None if dtype == "auto" else dtype,
-                                           device=device, memory="16gb" if base_weights == "fp8" else "full"))
+        handle = LazyPipeline(PipelineSpec(source=FolderSource(base=base_dir, model=output, local_files_only=True),
+                                           dtype=parse_dtype(dtype), device=device,
+                                           memory=MemoryConfig.from_name("16gb" if base_weights == "fp8" else "full")))
         return (handle, {"steps": [s for s, _ in result.losses], "loss": [v for _, v in result.losses]},
                 output, result.step)
 

@@ -19,7 +19,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from fake_gemini import FakeGemini, clean_env, socket_guard  # noqa: F401
+from fake_gemini import FakeGemini, clean_env  # noqa: F401
 from test_prompt_enhance import tiny_vlm  # noqa: F401  (the tiny Idefics3 / SmolVLM fixture)
 
 from dsd_core.datagen import DatagenConfig, Hooks, LAYOUTS, parse_verdict, run_datagen, split_grid
@@ -112,7 +112,7 @@ def captions_file(tmp_path):
 
 
 @pytest.fixture
-def gemini(monkeypatch, clean_env, socket_guard):  # noqa: F811
+def gemini(monkeypatch, clean_env):  # noqa: F811
     with FakeGemini(responder=responder) as server:
         monkeypatch.setenv("GEMINI_API_KEY", "AIzaFAKE-datagen")
         monkeypatch.setenv("DSD_GEMINI_BASE_URL", server.base_url)
@@ -361,7 +361,7 @@ def test_kill_and_resume_gives_the_same_dataset(gemini, captions_file, flux_pipe
         run_datagen(DatagenConfig(**{**config(part).to_dict(), "min_confidence": 0.9}), pipe=flux_pipe)
 
 
-def test_curator_errors_leave_the_grid_pending(monkeypatch, clean_env, socket_guard, captions_file, flux_pipe,  # noqa: F811
+def test_curator_errors_leave_the_grid_pending(monkeypatch, clean_env, captions_file, flux_pipe,  # noqa: F811
                                                tmp_path):
     cfg = DatagenConfig(captions=captions_file, out=str(tmp_path / "out"), curator="gemini", num=1, timeout=5,
                         retries=0, **TINY)

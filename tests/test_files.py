@@ -56,7 +56,7 @@ def test_atomic_write_failure_leaves_the_old_file(tmp_path):
 def test_cli_png_gets_the_umask(tmp_path, umask_027):
     import PIL.Image
 
-    from dsd_core.cli import save_png
+    from dsd_core.commands.generate import save_png
 
     out = tmp_path / "o.png"
     save_png(PIL.Image.new("RGB", (4, 4)), str(out), {"seed": 0})

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from fake_gemini import FakeGemini, clean_env, socket_guard  # noqa: F401
+from fake_gemini import FakeGemini, clean_env  # noqa: F401
 
 from nodes import _comfy
 from nodes.datagen import DSDCuratePairs, DSDDataGen, DSDFluxLoader, DSDGridGenerate, DSDGridPrompts, DSDPanelSplit
@@ -23,7 +23,7 @@ def flux(tiny_model):
         return DSDFluxLoader().load("base", "float32", "full")[0]
 
 
-def test_stage_nodes_show_grids_panels_and_verdicts(flux, monkeypatch, clean_env, socket_guard):  # noqa: F811
+def test_stage_nodes_show_grids_panels_and_verdicts(flux, monkeypatch, clean_env):  # noqa: F811
     out = DSDGridPrompts().make(CAPTIONS, "1x2", 0, 7, "template", "", "")
     prompts, text = out["result"]
     assert [p.source_caption for p in prompts] == ["a red ceramic teapot", "a plush toy dragon"]

@@ -32,6 +32,10 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 API_DIR = "api"
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from dsd_core import options as o  # noqa: E402  (the defaults the nodes and the CLI use; a light module)
+
 REFERENCE_IMAGE = "dsd_reference.png"
 #: LiteGraph draws a node's title bar above its ``pos``; a Note is a node too.
 TITLE_HEIGHT = 30
@@ -110,10 +114,10 @@ def loader(id, pos):
                                            speed="exact", download_missing=False), pos=pos, size=(340, 200))
 
 
-def sampler(id, pos, model, image, prompt="this character playing soccer", seed=0, image_guidance=1.0,
-            text_guidance=1.0, extra_inputs=None):
-    widgets = dict(prompt=prompt, seed=seed, steps=28, guidance=3.5, image_guidance=image_guidance,
-                   text_guidance=text_guidance, panel_size=512, batch_size=1, lora_scale=1.0,
+def sampler(id, pos, model, image, prompt="this character playing soccer", seed=0, image_guidance=o.IMAGE_GUIDANCE,
+            text_guidance=o.TEXT_GUIDANCE, extra_inputs=None):
+    widgets = dict(prompt=prompt, seed=seed, steps=o.STEPS, guidance=o.GUIDANCE, image_guidance=image_guidance,
+                   text_guidance=text_guidance, panel_size=o.PANEL, batch_size=1, lora_scale=o.LORA_SCALE,
                    condition_sampling="sample", fit="center_crop")
     inputs = {"dsd_model": (model, 0), "image": (image, 0), **(extra_inputs or {})}
     return Node(id, "DSDSampler", widgets, inputs, pos=pos, size=(380, 460))
@@ -196,7 +200,7 @@ def true_guidance() -> tuple[list[Node], list[tuple]]:
     nodes = [
         Node(1, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, y + 260), size=(320, 320)),
         loader(2, (40, y)),
-        Node(6, "DSDImagePrep", dict(fit="center_crop", resample="bicubic", panel_size=512, pad_color="white"),
+        Node(6, "DSDImagePrep", dict(fit="center_crop", resample="bicubic", panel_size=o.PANEL, pad_color="white"),
              {"image": (1, 0)}, pos=(420, y + 260), size=(320, 170)),
         sampler(3, (780, y), model=2, image=6, prompt="this character surfing a big wave, golden hour",
                 seed=42, image_guidance=1.5, text_guidance=1.0),

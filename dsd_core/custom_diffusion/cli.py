@@ -187,7 +187,7 @@ def run_compress(args) -> int:
 
 
 def run_generate(args) -> int:
-    from ..cli import save_png
+    from ..commands.generate import save_png
     from .apply import concepts_applied
     from .delta_file import is_dsd
 

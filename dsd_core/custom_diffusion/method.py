@@ -187,10 +187,10 @@ class CustomDiffusionMethod(TrainingMethod):
         if self.pipe is not None:  # loaded before training to make the class images
             return
         from ..loading import load_pipeline
-        from ..memory.config import resolve_memory
+        from ..memory.config import MemoryConfig
 
         c, o = self.config, self.options
-        memory = resolve_memory(c.memory).replace(offload="none", fuse_lora=False, release_text_encoders=False)
+        memory = MemoryConfig.from_name(c.memory or "full").replace(offload="none", fuse_lora=False, release_text_encoders=False)
         common = dict(base=c.base, dtype=dtype, device=str(device), memory=memory, local_files_only=c.local_files_only)
         if o.mode == "dsd":
             if not c.model:

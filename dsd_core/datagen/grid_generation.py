@@ -34,9 +34,10 @@ def shard(groups: list[list[int]], process_index: int, num_processes: int) -> li
 def load_grid_pipeline(cfg: DatagenConfig):
     """Plain FLUX for ``cfg`` (base, dtype, device, memory preset)."""
     from ..loading import load_flux_pipeline
+    from ..memory.config import MemoryConfig
 
     return load_flux_pipeline(cfg.base, dtype=cfg.dtype or None, device=cfg.device or None,
-                              memory=cfg.memory or None, local_files_only=cfg.offline)
+                              memory=MemoryConfig.from_name(cfg.memory or "full"), local_files_only=cfg.offline)
 
 
 def draw_grids(pipe, prompts: list[GridPrompt], cfg: DatagenConfig, step_callback=None) -> list:

@@ -105,13 +105,13 @@ class DistillationMethod(DSDLoRAMethod):
     def load_teacher(self, device, dtype) -> None:
         """The teacher pipeline (LoRA fused, frozen) and the empty prompt; enough for :meth:`eval_inputs`."""
         from ..loading import load_pipeline, resolve_model
-        from ..memory.config import resolve_memory
+        from ..memory.config import MemoryConfig
 
         c, o = self.config, self.options
         if not c.model or c.from_flux:
             raise InputError("distillation needs the teacher as --model DSD_DIR (transformer/ + its LoRA); "
                              "--from-flux is for training DSD itself.")
-        memory = resolve_memory(c.memory).replace(offload="none", fuse_lora=True, release_text_encoders=False)
+        memory = MemoryConfig.from_name(c.memory or "full").replace(offload="none", fuse_lora=True, release_text_encoders=False)
         pipe = load_pipeline(base=c.base, model=c.model, dtype=dtype, device=str(device), memory=memory,
                              local_files_only=c.local_files_only)
         pipe.set_progress_bar_config(disable=True)

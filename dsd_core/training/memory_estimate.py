@@ -40,11 +40,11 @@ class TrainingEstimate:
 
 
 def estimate_dsd_training(config, options) -> TrainingEstimate:
-    from ..memory.config import resolve_memory
+    from ..memory.config import MemoryConfig
     from ..memory.estimator import (CUDA_CONTEXT_GIB, component_sizes, denoise_activation_bytes, lora_params,
                                     text_activation_bytes, vae_activation_bytes)
 
-    memory = resolve_memory(config.memory)
+    memory = MemoryConfig.from_name(config.memory or "full")
     storage = {k: v for k, v in (("transformer_weights", config.base_weights),
                                  ("text_encoder_weights", config.text_encoder_weights)) if v}
     memory = memory.replace(**storage) if storage else memory

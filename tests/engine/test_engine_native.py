@@ -108,14 +108,16 @@ def core_image(engine, prompt: str, seed: int, image_guidance: float, text_guida
                steps: int = STEPS, panel: int = PANEL) -> np.ndarray:
     """dsd_core's result for the same inputs: (1, H, W, 3) float in [0, 1]."""
     from dsd_core.image import load_image, prepare_reference
-    from dsd_core.single_file import load_pipeline_from_files
+    from dsd_core.loading import load_pipeline
+    from dsd_core.sources import FilesSource
 
     m = engine.models_dir
     if "pipe" not in _CORE:
-        _CORE["pipe"] = load_pipeline_from_files(
-            m / "diffusion_models" / H128["transformer"], m / "text_encoders" / H128["clip_l"],
-            m / "text_encoders" / H128["t5xxl"], m / "vae" / H128["vae"], lora=m / "loras" / H128["lora"],
-            device="cpu", tokenizer_dirs=m / "dsd" / H128["tokenizers"])
+        _CORE["pipe"] = load_pipeline(source=FilesSource(
+            transformer=str(m / "diffusion_models" / H128["transformer"]),
+            clip_l=str(m / "text_encoders" / H128["clip_l"]), t5xxl=str(m / "text_encoders" / H128["t5xxl"]),
+            vae=str(m / "vae" / H128["vae"]), lora=str(m / "loras" / H128["lora"]),
+            tokenizers=str(m / "dsd" / H128["tokenizers"])), device="cpu")
         _CORE["pipe"].set_progress_bar_config(disable=True)
     ref = prepare_reference(load_image(engine.input_dir / REFERENCE), panel, panel, mode="center_crop")
     out = _CORE["pipe"](ref, prompt, height=panel, width=2 * panel, num_inference_steps=steps, guidance_scale=3.5,

@@ -122,13 +122,13 @@ class DSDLoRAMethod(TrainingMethod):
         from peft import LoraConfig
 
         from ...loading import load_pipeline
-        from ...memory.config import resolve_memory
+        from ...memory.config import MemoryConfig
 
         c, o = self.config, self.options
         if bool(c.model) == bool(c.from_flux):
             raise InputError("pass exactly one starting point: --model DSD_DIR (continue from DSD weights) or "
                              "--from-flux FLUX_TRANSFORMER_DIR (fresh c_embedder and LoRA).")
-        memory = resolve_memory(c.memory)
+        memory = MemoryConfig.from_name(c.memory or "full")
         storage = {k: v for k, v in (("transformer_weights", c.base_weights),
                                      ("text_encoder_weights", c.text_encoder_weights)) if v}
         memory = memory.replace(**storage) if storage else memory

@@ -21,16 +21,18 @@ _PIPES = {}
 def _pipe(clip_l, t5xxl, vae, tokenizers):
     import folder_paths
 
-    from dsd_core.single_file import load_pipeline_from_files
+    from dsd_core.loading import load_pipeline
+    from dsd_core.sources import FilesSource
 
     key = (clip_l, t5xxl, vae, tokenizers)
     if key not in _PIPES:
         tok = next(os.path.join(root, tokenizers) for root in folder_paths.get_folder_paths("dsd")
                    if os.path.isdir(os.path.join(root, tokenizers)))
         transformer = folder_paths.get_full_path("unet", "dsd_transformer_h128.safetensors")
-        _PIPES[key] = load_pipeline_from_files(
-            transformer, folder_paths.get_full_path("clip", clip_l), folder_paths.get_full_path("clip", t5xxl),
-            folder_paths.get_full_path("vae", vae), device="cpu", tokenizer_dirs=tok)
+        _PIPES[key] = load_pipeline(source=FilesSource(
+            transformer=transformer, clip_l=folder_paths.get_full_path("clip", clip_l),
+            t5xxl=folder_paths.get_full_path("clip", t5xxl), vae=folder_paths.get_full_path("vae", vae),
+            tokenizers=tok), device="cpu")
     return _PIPES[key]
 
 
