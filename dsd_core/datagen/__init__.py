@@ -21,11 +21,19 @@ processes (``accelerate launch``), :mod:`.cli` is ``python -m dsd_core datagen``
     summary = run_datagen(DatagenConfig(captions="captions.txt", out="data/pairs", base="FLUX.1-dev", num=1000))
 """
 
-from .config import LAYOUTS, DatagenConfig, Layout
-from .curation import Curator, Verdict, parse_verdict
-from .grid_prompts import GridPrompt, build_prompt, make_grid_prompts, read_captions
-from .panel_split import ordered_pairs, split_grid
-from .run import Hooks, run_datagen
+from __future__ import annotations
 
-__all__ = ["LAYOUTS", "Curator", "DatagenConfig", "GridPrompt", "Hooks", "Layout", "Verdict", "build_prompt",
-           "make_grid_prompts", "ordered_pairs", "parse_verdict", "read_captions", "run_datagen", "split_grid"]
+import importlib
+
+#: public name -> submodule; imported on first use, so ``import dsd_core.datagen`` (and the CLI's parser) stays light
+_EXPORTS = {"LAYOUTS": "config", "DatagenConfig": "config", "Layout": "config", "Curator": "curation",
+            "Verdict": "curation", "parse_verdict": "curation", "GridPrompt": "grid_prompts",
+            "build_prompt": "grid_prompts", "make_grid_prompts": "grid_prompts", "read_captions": "grid_prompts",
+            "ordered_pairs": "panel_split", "split_grid": "panel_split", "Hooks": "run", "run_datagen": "run"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
