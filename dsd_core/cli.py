@@ -173,8 +173,11 @@ def run_generate(args) -> int:
     from .image import load_image, prepare_reference
     from .loading import load_pipeline
 
+    from .validation import check_generate_args
+
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
+    check_generate_args(args)  # numbers, paths, device, canvas memory: before anything is read or loaded
     check_canvas_size(args.height, args.width)
     reference = prepare_reference(load_image(args.image), args.height, args.width // 2, mode=args.fit,
                                   resample=args.resample)
@@ -268,3 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # one `error:` line (translated when known); the traceback only with -v
+        from .error_report import report
+
+        return report(e, args.verbose)

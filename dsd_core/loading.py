@@ -202,7 +202,9 @@ def load_pipeline(
     from .memory.config import resolve_memory
     from .pipeline import DSDPipeline
     from .speed import apply_speed, resolve_speed
+    from .validation import check_load_arguments, check_model_files
 
+    check_load_arguments(base, model, transformer, lora, dtype, device)
     memory = resolve_memory(memory, offload)
     speed = resolve_speed(speed)
     device = device or default_device()
@@ -213,10 +215,13 @@ def load_pipeline(
     else:
         transformer_dir, lora_file = resolve_model(model, transformer, lora, token, local_files_only)
     base_dir = resolve_base(base, token, local_files_only)
+    check_model_files(None if memory.transformer_weights == "gguf" else transformer_dir, lora_file, base_dir,
+                      init_condition_embedder)  # headers vs configs, before any weights load
 
     dit = load_transformer(memory, transformer_dir, torch_dtype, device, init_condition_embedder)
     try:
-        pipe = DSDPipeline.from_pretrained(base_dir, transformer=dit, dtype=torch_dtype, local_files_only=True)
+        pipe = DSDPipeline.from_pretrained(base_dir, transformer=dit, dtype=torch_dtype, local_files_only=True,
+                                           use_safetensors=True)
     except (OSError, ValueError, KeyError) as e:
         raise ModelFormatError(f"could not load the FLUX base from {base_dir}: {e}") from e
     if lora_file is not None:

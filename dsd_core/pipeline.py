@@ -38,6 +38,7 @@ from . import canvas as cv
 from .errors import GenerationCancelled, InputError
 from .guidance import REFERENCE_START_STEP, TrueGuidance, combine
 from .image import prepare_reference
+from .numerics import check_finite, check_step, serialized
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,9 @@ class DSDPipeline(FluxPipeline):
         """
         if not str(path).endswith(".safetensors"):
             raise InputError(f"{path} is not a .safetensors file; only safetensors LoRAs are loaded (never pickle).")
+        from .validation import check_lora_file
+
+        check_lora_file(path, self.transformer.config)  # keys and shapes from the header, before loading
         state_dict, alphas, metadata = self.lora_state_dict(path, return_alphas=True, return_lora_metadata=True)
         if not any("lora" in k for k in state_dict):
             raise InputError(f"{path} holds no LoRA weights (no key contains 'lora'); pass a LoRA file.")
@@ -208,6 +212,7 @@ class DSDPipeline(FluxPipeline):
             )
 
     # ------------------------------------------------------------------ call
+    @serialized  # one generation at a time per pipeline (dsd_core.numerics)
     @torch.no_grad()
     def __call__(
         self,
@@ -272,6 +277,15 @@ class DSDPipeline(FluxPipeline):
             GenerationCancelled: when ``pipe._interrupt`` is set during the run.
         """
         # 1. Check inputs
+        from .validation import check_generation, check_reference_tensor
+
+        check_generation(prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+                         text_guidance_scale=text_guidance_scale, true_guidance_start_step=true_guidance_start_step,
+                         true_guidance_end_step=true_guidance_end_step, seed=seed,
+                         num_images_per_prompt=num_images_per_prompt, lora_scale=lora_scale,
+                         negative_prompt=negative_prompt)
+        check_reference_tensor(image)
         self.check_dsd_inputs(height, width, num_inference_steps, condition_sampling, num_images_per_prompt)
         for k in callback_on_step_end_tensor_inputs:
             if k not in self._callback_tensor_inputs:
@@ -302,6 +316,7 @@ class DSDPipeline(FluxPipeline):
         # 3. Condition latents from the 1x2 canvas
         reference = self._reference_tensor(image, height, panel_w, fit_mode)
         cond = self.prepare_condition(reference, seeds, condition_sampling, cond_gens, device, dtype)
+        check_finite(cond, "condition")
         zero_cond = torch.zeros_like(cond) if guidance_cfg.enabled else None
 
         # 4. Initial noise and position ids
@@ -361,6 +376,7 @@ class DSDPipeline(FluxPipeline):
                     noise_pred = combine(v_ti, v_ui, v_uu, guidance_cfg.image_scale, guidance_cfg.text_scale)
 
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                check_step(latents, noise_pred, i, num_inference_steps)
 
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
@@ -378,6 +394,7 @@ class DSDPipeline(FluxPipeline):
             self.maybe_free_model_hooks()
             return DSDPipelineOutput(images=latents, seeds=seeds, prompt=prompt) if return_dict else (latents,)
         panels = self.decode(latents, height, width)
+        check_finite(panels, "decoded")
         panels = self.image_processor.postprocess(panels, output_type="pt")  # (x/2+.5).clamp in dtype, then float
         references, images = cv.split_canvas(panels)
         images, references, panels = (self._convert(x, output_type) for x in (images, references, panels))

@@ -64,6 +64,7 @@ class DSDModelLoader:
                                                         "FLUX.1-dev parts) into models/dsd and models/diffusers."}),
         }}
 
+    @_comfy.user_errors
     def load(self, model, base, dtype, memory, speed, download_missing):
         from dsd_core.model_store import LazyPipeline, PipelineSpec
 
@@ -134,6 +135,7 @@ class DSDFilesLoader:
             "speed": SPEED_INPUT,
         }}
 
+    @_comfy.user_errors
     def load(self, transformer, lora, clip_l, t5xxl, vae, dtype, memory, speed):
         from dsd_core.model_store import FilesPipelineSpec, LazyPipeline, find_folder
 

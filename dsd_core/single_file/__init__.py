@@ -140,6 +140,9 @@ def load_pipeline_from_files(transformer, clip_l, t5xxl, vae, lora=None, *, dtyp
     from ..pipeline import DSDPipeline
     from ..speed import apply_speed, resolve_speed
 
+    from ..validation import check_device
+
+    check_device(device)
     device = device or default_device()
     dtype = resolve_dtype(None, device) if dtype is None else as_dtype(dtype)
     gguf = str(transformer).lower().endswith(".gguf")
@@ -158,6 +161,10 @@ def load_pipeline_from_files(transformer, clip_l, t5xxl, vae, lora=None, *, dtyp
         transformer = check_file(transformer, TRANSFORMER_WHAT, TRANSFORMER_HINT)
     if lora is not None:
         lora = check_file(lora, "DSD LoRA", "the DSD LoRA (pytorch_lora_weights.safetensors)")
+        if not gguf:  # the LoRA's header against the transformer file's, before anything loads
+            from ..validation import check_lora_for_transformer_file
+
+            check_lora_for_transformer_file(lora, transformer)
     components = load_components_from_files(clip_l, t5xxl, vae, dtype=dtype, tokenizer_dirs=tokenizer_dirs,
                                             comfy_root=comfy_root, configs=configs,
                                             search_tokenizers=search_tokenizers)
