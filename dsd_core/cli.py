@@ -265,13 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return {"generate": run_generate, "tiny-model": run_tiny, "memory": run_memory}[args.command](args)
-    except (DSDError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # one `error:` line (translated when known); the traceback only with -v
+    except Exception as e:  # one `error:` line (DSDError, or translated when known); the traceback only with -v
         from .error_report import report
 
         return report(e, args.verbose)

@@ -34,6 +34,8 @@ def translate(e: BaseException) -> DSDError | None:
     name = type(e).__name__
     module = type(e).__module__ or ""
     text = str(e)
+    if isinstance(e, FileExistsError):
+        return InputError(_first_line(e))
     if name == "SafetensorError" or "safetensors" in module:
         return ModelFormatError(f"a weights file is not valid safetensors ({_first_line(e)}): it is truncated or "
                                 "damaged; download it again.")

@@ -277,7 +277,7 @@ class DSDPipeline(FluxPipeline):
             GenerationCancelled: when ``pipe._interrupt`` is set during the run.
         """
         # 1. Check inputs
-        from .validation import check_generation, check_reference_tensor
+        from .validation import check_generation, check_reference
 
         check_generation(prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
@@ -285,7 +285,7 @@ class DSDPipeline(FluxPipeline):
                          true_guidance_end_step=true_guidance_end_step, seed=seed,
                          num_images_per_prompt=num_images_per_prompt, lora_scale=lora_scale,
                          negative_prompt=negative_prompt)
-        check_reference_tensor(image)
+        check_reference(image)
         self.check_dsd_inputs(height, width, num_inference_steps, condition_sampling, num_images_per_prompt)
         for k in callback_on_step_end_tensor_inputs:
             if k not in self._callback_tensor_inputs:

@@ -109,10 +109,15 @@ def check_generation(*, prompt=None, height=512, width=1024, num_inference_steps
         number(n("seed"), seed, integer=True, allow_none=True)
 
 
-def check_reference_tensor(image) -> None:
-    """A tensor reference must hold finite values (NaN in the reference gives a normal-looking but wrong image)."""
+def check_reference(image) -> None:
+    """The reference is a PIL image or a tensor, and a tensor holds finite values (NaN in the reference gives a
+    normal-looking but wrong image)."""
+    import PIL.Image
     import torch
 
+    if not isinstance(image, (PIL.Image.Image, torch.Tensor)):
+        raise InputError(f"image must be a PIL image or a tensor, got {type(image).__name__}; load a file with "
+                         "dsd_core.load_image(path).")
     if isinstance(image, torch.Tensor) and image.numel() and not bool(torch.isfinite(image).all()):
         raise InputError("the reference image tensor contains NaN or infinite values; pass a valid image (values "
                          "in [-1, 1] for a tensor reference).")
@@ -577,6 +582,6 @@ def check_load_arguments(base=None, model=None, transformer=None, lora=None, dty
 __all__ = [
     "CLI_FLAGS", "available_memory", "canvas_memory", "check_base_folder", "check_canvas_memory", "check_device",
     "check_generate_args", "check_generation", "check_load_arguments", "check_lora_file",
-    "check_lora_for_transformer_file", "check_model_files", "check_model_name", "check_output_path", "check_reference_tensor",
+    "check_lora_for_transformer_file", "check_model_files", "check_model_name", "check_output_path", "check_reference",
     "check_transformer_folder", "number", "safetensors_files",
 ]
