@@ -560,3 +560,15 @@ def test_error_report_translates_common_low_level_errors(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: unexpected KeyError") and "-v" in err and "Traceback" not in err
     assert isinstance(translate(ModelNotFoundError("x")), ModelNotFoundError)
+
+
+def test_gemini_key_over_plain_http_is_warned(monkeypatch, caplog):
+    from dsd_core.prompt import gemini
+
+    assert gemini._plain_http("http://proxy.example:8080") and not gemini._plain_http("https://example.com")
+    assert not gemini._plain_http("http://127.0.0.1:9999") and not gemini._plain_http("http://localhost:1")
+    monkeypatch.setattr(gemini, "_sdk_available", lambda: None)  # stop right after the check: no client, no request
+    enhancer = gemini.GeminiEnhancer(base_url="http://proxy.example:8080")
+    with pytest.raises(gemini.EnhanceError):
+        enhancer._open(gemini._Secret("k-123"), vertex=False)
+    assert "travels unencrypted" in caplog.text and "k-123" not in caplog.text
