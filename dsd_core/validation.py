@@ -18,6 +18,7 @@ input costs milliseconds instead of a 34 GB load followed by a traceback. Each c
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import math
@@ -384,10 +385,7 @@ def check_lora_file(path: str, transformer_config: Mapping) -> None:
     Layers in diffusers/PEFT naming (``transformer.<module>.lora_A.weight``) are checked one by one; other layouts
     (kohya, BFL) are converted by diffusers at load time and only checked for being a LoRA.
     """
-    import torch
-
     from .single_file.checkpoint import Checkpoint, describe_keys
-    from .transformer import DSDTransformer2DModel
 
     fix = "pass the DSD LoRA (pytorch_lora_weights.safetensors of primecai/dsd_model) or a LoRA trained for DSD"
     path = os.fspath(path)
@@ -409,9 +407,7 @@ def check_lora_file(path: str, transformer_config: Mapping) -> None:
         layers.setdefault(module, {})[side] = tuple(shape)
     if not layers:
         return  # another naming (kohya/BFL): diffusers converts it; its errors are translated at load time
-    model = _empty_model(lambda: DSDTransformer2DModel.from_config(dict(transformer_config)), path,
-                         "DSD transformer", fix)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = _linear_layers(json.dumps(_plain_config(transformer_config), sort_keys=True, default=str), path, fix)
     unknown = sorted(m for m in layers if m not in linears)
     if unknown:
         raise ModelFormatError(
@@ -419,21 +415,37 @@ def check_lora_file(path: str, transformer_config: Mapping) -> None:
             f"modules the transformer does not have (e.g. {unknown[0]}); it is a LoRA for another model. {fix[0].upper() + fix[1:]}."
         )
     for module, sides in sorted(layers.items()):
-        lin = linears[module]
+        in_features, out_features = linears[module]
         down, up = sides.get("down"), sides.get("up")
         problem = None
         if down is None or up is None:
             problem = f"has only the {'up' if down is None else 'down'} half of the layer"
-        elif len(down) != 2 or len(up) != 2 or down[1] != lin.in_features or up[0] != lin.out_features \
-                or down[0] != up[1]:
-            problem = (f"has shapes down {down} / up {up}, but the transformer's layer maps {lin.in_features} -> "
-                       f"{lin.out_features}")
+        elif len(down) != 2 or len(up) != 2 or down[1] != in_features or up[0] != out_features or down[0] != up[1]:
+            problem = (f"has shapes down {down} / up {up}, but the transformer's layer maps {in_features} -> "
+                       f"{out_features}")
         if problem:
             raise ModelFormatError(f"{path} does not fit this DSD transformer: LoRA layer {module} {problem}; the "
                                    f"LoRA was made for a model of another size or is damaged. {fix[0].upper() + fix[1:]}.")
 
 
-#: (component folder, what, class) of the base components loaded from safetensors.
+def _plain_config(config: Mapping) -> dict:
+    """A transformer config without bookkeeping (``_class_name``, ...) and load-time options (quantization)."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_") and k != "quantization_config"}
+
+
+@functools.lru_cache(maxsize=4)
+def _linear_layers(config_json: str, path: str, fix: str) -> dict[str, tuple[int, int]]:
+    """``{module name: (in_features, out_features)}`` of the transformer a config describes (built empty, cached)."""
+    import torch
+
+    from .transformer import DSDTransformer2DModel
+
+    config = json.loads(config_json)
+    model = _empty_model(lambda: DSDTransformer2DModel.from_config(config), path, "DSD transformer", fix)
+    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+#: (component folder, what) of the base components loaded from safetensors.
 _WEIGHTED = (("vae", "the FLUX VAE"), ("text_encoder", "the CLIP-L text encoder"),
              ("text_encoder_2", "the T5-XXL text encoder"))
 #: tokenizer folder -> file sets of which one must be complete.
