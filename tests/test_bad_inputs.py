@@ -572,3 +572,14 @@ def test_gemini_key_over_plain_http_is_warned(monkeypatch, caplog):
     with pytest.raises(gemini.EnhanceError):
         enhancer._open(gemini._Secret("k-123"), vertex=False)
     assert "travels unencrypted" in caplog.text and "k-123" not in caplog.text
+
+
+def test_metadata_records_names_and_fingerprints_not_local_paths(tiny_model, broken):
+    from dsd_core.provenance import fingerprint, model_record
+
+    rec = model_record(tiny_model["model"])
+    assert rec.startswith("dsd (sha256:") and os.path.dirname(tiny_model["model"]) not in rec
+    assert model_record("primecai/dsd_model") == "primecai/dsd_model" and model_record(None) is None
+    assert model_record(tiny_model["model"], full_paths=True) == os.path.abspath(tiny_model["model"])
+    assert fingerprint(tiny_model["lora"]) != fingerprint(broken("lora_wrong_shapes")["lora"])  # content, not name
+    assert fingerprint(tiny_model["model"]) == fingerprint(tiny_model["model"])
