@@ -94,6 +94,8 @@ def _add_generate(sub) -> None:
     o.add_argument("--save-reference", action="store_true",
                    help="also save the model's reconstruction of the reference as OUT_reference.png")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.add_argument("--record-paths", action="store_true",
+                   help="record the models' full local paths in the PNG (default: names and content fingerprints)")
 
 
 def _add_memory(sub) -> None:
@@ -164,6 +166,14 @@ def speed_config(args):
     return dataclasses.replace(base, compile=args.compile, attention_backend=args.attention_backend)
 
 
+def model_records(args) -> dict:
+    from .provenance import model_record
+
+    return {k: model_record(v, args.record_paths) for k, v in dict(
+        base=args.base, model=args.model, transformer=args.transformer or args.transformer_file,
+        lora=args.lora).items()}
+
+
 def run_generate(args) -> int:
     import diffusers
     import torch
@@ -222,8 +232,8 @@ def run_generate(args) -> int:
         "text_guidance": args.text_guidance, "true_guidance_start": args.true_guidance_start,
         "height": args.height, "width": args.width, "condition_sampling": args.condition_sampling,
         "fit": args.fit, "resample": args.resample, "lora_scale": args.lora_scale, "no_lora": args.no_lora,
-        "dtype": str(pipe.transformer.dtype).replace("torch.", ""), "base": args.base, "model": args.model,
-        "transformer": args.transformer or args.transformer_file, "lora": args.lora,
+        "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
+        **model_records(args),  # names + fingerprints, not local paths (dsd_core.provenance)
         "memory": pipe.memory_config.describe(), "fast": args.fast, "compile": args.compile,
         "versions": {"dsd_core": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
     }

@@ -583,3 +583,13 @@ def test_metadata_records_names_and_fingerprints_not_local_paths(tiny_model, bro
     assert model_record(tiny_model["model"], full_paths=True) == os.path.abspath(tiny_model["model"])
     assert fingerprint(tiny_model["lora"]) != fingerprint(broken("lora_wrong_shapes")["lora"])  # content, not name
     assert fingerprint(tiny_model["model"]) == fingerprint(tiny_model["model"])
+
+
+def test_cli_png_metadata_has_no_local_paths(tiny_model, tmp_path, capsys):
+    rc, out, err = run_cli(generate_args(tiny_model, tmp_path), capsys)
+    assert rc == 0, err
+    image = PIL.Image.open(tmp_path / "out.png")
+    sane(image)
+    meta = json.loads(image.text["dsd"])
+    assert meta["model"].startswith("dsd (sha256:") and meta["base"].startswith("base (sha256:")
+    assert os.path.dirname(tiny_model["model"]) not in image.text["dsd"]
