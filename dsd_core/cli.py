@@ -135,7 +135,10 @@ def save_png(image, path: str, metadata: dict) -> None:
     info.add_text("dsd", json.dumps(metadata, sort_keys=True))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    from .validation import remove_stale_temp_files, temp_prefix
+
+    remove_stale_temp_files(folder)  # left by a run killed with -9 before its rename
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=temp_prefix(), suffix=".png")
     os.close(fd)
     try:
         image.save(tmp, format="PNG", pnginfo=info)

@@ -162,6 +162,52 @@ def check_output_path(out: str, paths: Iterable[str] = (), expected_bytes: int =
                          f"{_size(expected_bytes)}; free some space or pass an {flag} on another disk.")
 
 
+#: Prefix of the temporary files images are written to before the atomic rename (with the writer's process id).
+TEMP_PREFIX = ".tmp-dsd-"
+
+
+def temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}-"
+
+
+def remove_stale_temp_files(folder: str, min_age_s: float = 60.0) -> int:
+    """Remove temporary image files left in ``folder`` by a writer that was killed (``kill -9``) before its rename:
+    files named like :func:`temp_prefix` whose process no longer exists and that are older than ``min_age_s``."""
+    import time
+
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(TEMP_PREFIX):
+            continue
+        pid = name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if time.time() - os.path.getmtime(path) >= min_age_s:
+                os.remove(path)
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":

@@ -593,3 +593,20 @@ def test_cli_png_metadata_has_no_local_paths(tiny_model, tmp_path, capsys):
     meta = json.loads(image.text["dsd"])
     assert meta["model"].startswith("dsd (sha256:") and meta["base"].startswith("base (sha256:")
     assert os.path.dirname(tiny_model["model"]) not in image.text["dsd"]
+
+
+def test_temp_files_of_killed_runs_are_cleaned_up(tmp_path):
+    """kill -9 between writing and renaming leaves a hidden temp file; the next save in that folder removes it."""
+    from dsd_core.cli import save_png
+    from dsd_core.validation import TEMP_PREFIX
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a process id that no longer exists
+    stale = tmp_path / f"{TEMP_PREFIX}{proc.pid}-abc.png"
+    stale.write_bytes(b"")
+    os.utime(stale, (0, 0))
+    mine = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-live.png"  # a live writer's file is left alone
+    mine.write_bytes(b"")
+    os.utime(mine, (0, 0))
+    save_png(PIL.Image.new("RGB", (4, 4)), str(tmp_path / "x.png"), {"k": 1})
+    assert not stale.exists() and mine.exists() and (tmp_path / "x.png").exists()
