@@ -34,6 +34,8 @@ import psutil, torch
 import diffusers, transformers  # imports before the baseline
 from dsd_core.memory import MemoryConfig
 from dsd_core.memory.apply import FP8_KEEP_TRANSFORMER, cast_fp8, load_transformer
+from dsd_core.sources import Parts
+from dsd_core.transformer import DSDTransformer2DModel
 torch.set_num_threads(2)
 mode, folder, gguf = sys.argv[1], sys.argv[2], sys.argv[3]
 before = psutil.Process().memory_info().rss
@@ -42,7 +44,10 @@ if mode == "gguf":
     cfg = MemoryConfig(transformer_weights="gguf", gguf_file=gguf)
 else:
     cfg = MemoryConfig(transformer_weights={{"bf16": "native", "fp8": "native"}}.get(mode, mode))
-model = load_transformer(cfg, folder, torch.bfloat16, "cpu")
+def from_folder(dtype, qc):  # the transformer part of a FolderSource
+    return DSDTransformer2DModel.from_pretrained(folder, dtype=dtype, **({{"quantization_config": qc}} if qc else {{}}))
+parts = Parts(transformer_config=folder, lora=None, components=None, transformer=from_folder)
+model = load_transformer(cfg, parts, torch.bfloat16, "cpu")
 if mode == "fp8":
     cast_fp8(model, torch.bfloat16, FP8_KEEP_TRANSFORMER)
 took = time.perf_counter() - t0

@@ -55,7 +55,7 @@ def main():
     ap.add_argument("--measure", action="store_true", help="measure the activation constant (slow)")
     args = ap.parse_args()
 
-    from dsd_core.memory import PRESETS, estimate
+    from dsd_core.memory import PRESETS, MemoryConfig, estimate
     from dsd_core.memory.estimator import (ACTIVATION_FACTOR, CUDA_CONTEXT_GIB, PCIE_BYTES_PER_S, component_table,
                                            preset_table)
 
@@ -68,8 +68,8 @@ def main():
     print("| preset | encode text | encode reference | denoise | decode | peak | peak, batched true guidance |")
     print("|---|---|---|---|---|---|---|")
     for name in PRESETS:
-        e = estimate(name)
-        b = estimate(name, true_guidance=True, batch_true_guidance=True)
+        e = estimate(MemoryConfig.from_preset(name))
+        b = estimate(MemoryConfig.from_preset(name), true_guidance=True, batch_true_guidance=True)
         p = e.phases
         print(f"| {name} | {p['encode_text']:.2f} | {p['encode_image']:.2f} | {p['denoise']:.2f} | {p['decode']:.2f} "
               f"| {e.peak:.2f} | {b.peak:.2f} |")

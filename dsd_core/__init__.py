@@ -3,6 +3,10 @@
 Public API (imported lazily so that ``import dsd_core`` is cheap)::
 
     from dsd_core import DSDPipeline, DSDTransformer2DModel, load_pipeline, load_image, prepare_reference
+    from dsd_core import FolderSource, FilesSource, MemoryConfig, SpeedConfig
+
+``load_pipeline`` is the one way to build a pipeline (``DSDPipeline.from_dsd`` is the same call); see
+:mod:`dsd_core.loading`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ _EXPORTS = {
     "clean_prompt": "pipeline",
     "DSDTransformer2DModel": "transformer",
     "load_pipeline": "loading",
+    "FolderSource": "sources",
+    "FilesSource": "sources",
+    "MemoryConfig": "memory.config",
+    "SpeedConfig": "speed",
     "load_image": "image",
     "prepare_reference": "image",
     "pil_to_tensor": "image",

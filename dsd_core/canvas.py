@@ -5,21 +5,20 @@ The condition is that canvas with the right half set to black (-1), VAE-encoded 
 into 2x2 patches exactly like FLUX (token ``r * (W/2) + c``, channel ``ch * 4 + dy * 2 + dx``), and condition and
 image latents share the same tokens and position ids ``[0, r, c]``.
 
-Small pure functions, each usable alone. Packing itself is diffusers' (``FluxPipeline._pack_latents`` etc.).
+Small pure functions, each usable alone. Packing itself is diffusers' (through :mod:`dsd_core.diffusers_compat`).
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+from . import diffusers_compat
 from .errors import InputError
+from .options import PANEL as TRAINED_PANEL  # noqa: F401  (the panel DSD was trained at; each half of 512x1024)
 
 #: Spatial downscale of the FLUX VAE (8) times the 2x2 packing: canvas sizes must be multiples of this.
 CANVAS_MULTIPLE = 16
-#: The panel size DSD was trained at (each half of a 512x1024 canvas).
-TRAINED_PANEL = 512
 
 
 def check_canvas_size(height: int, width: int, multiple: int = CANVAS_MULTIPLE) -> None:
@@ -50,19 +49,18 @@ def latent_size(height: int, width: int, vae_scale_factor: int = 8) -> tuple[int
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """``(B, C, h, w)`` -> ``(B, h/2 * w/2, C * 4)``, FLUX's 2x2 patch packing."""
-    b, c, h, w = latents.shape
-    return FluxPipeline._pack_latents(latents, b, c, h, w)
+    return diffusers_compat.pack_latents(latents)
 
 
 def unpack_latents(packed: torch.Tensor, height: int, width: int, vae_scale_factor: int = 8) -> torch.Tensor:
     """Inverse of :func:`pack_latents` for a ``height x width`` pixel canvas."""
-    return FluxPipeline._unpack_latents(packed, height, width, vae_scale_factor)
+    return diffusers_compat.unpack_latents(packed, height, width, vae_scale_factor)
 
 
 def latent_image_ids(height: int, width: int, device=None, dtype=None, vae_scale_factor: int = 8) -> torch.Tensor:
     """Position ids ``[0, r, c]`` (row-major) for the packed tokens of a ``height x width`` canvas."""
     h, w = latent_size(height, width, vae_scale_factor)
-    return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
+    return diffusers_compat.latent_image_ids(h // 2, w // 2, device, dtype)
 
 
 def num_image_tokens(height: int, width: int, vae_scale_factor: int = 8) -> int:

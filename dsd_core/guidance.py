@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-#: The reference skips true guidance for steps 0 and 1 (``no_cfg_until_timestep = 2``).
-REFERENCE_START_STEP = 2
+from .options import TRUE_GUIDANCE_START as REFERENCE_START_STEP  # the reference's ``no_cfg_until_timestep = 2``
 
 
 @dataclass(frozen=True)

@@ -19,17 +19,12 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from . import options
 from .errors import InputError
 
-FIT_MODES = ("center_crop", "pad", "stretch")
-RESAMPLE_FILTERS = {
-    "bicubic": PIL.Image.Resampling.BICUBIC,
-    "lanczos": PIL.Image.Resampling.LANCZOS,
-    "bilinear": PIL.Image.Resampling.BILINEAR,
-    "nearest": PIL.Image.Resampling.NEAREST,
-    "box": PIL.Image.Resampling.BOX,
-    "hamming": PIL.Image.Resampling.HAMMING,
-}
+FIT_MODES = tuple(options.FIT_MODES)
+#: Pillow filters by the names in :data:`dsd_core.options.RESAMPLE_FILTERS`.
+RESAMPLE_FILTERS = {name: PIL.Image.Resampling[name.upper()] for name in options.RESAMPLE_FILTERS}
 
 
 #: Background transparent areas are composited on (white, the ``pad`` fill; the reference's ``convert("RGB")``

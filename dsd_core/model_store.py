@@ -6,7 +6,8 @@ This is what an application (the ComfyUI nodes, a server) needs around :func:`ds
   (e.g. ``ComfyUI/models/dsd`` and ``ComfyUI/models/diffusers``);
 * :func:`download_dsd_model` / :func:`download_base` fetch ``primecai/dsd_model`` or the FLUX.1-dev base components
   into such a folder (only when asked; with huggingface_hub's progress and the user's token);
-* :class:`LazyPipeline` holds what to load and loads it on first use; :meth:`LazyPipeline.release` frees it.
+* :class:`PipelineSpec` is what to load, already typed (a source, a MemoryConfig, a SpeedConfig, a dtype);
+  :class:`LazyPipeline` holds one and loads it on first use; :meth:`LazyPipeline.release` frees it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .errors import ModelNotFoundError
-from .loading import BASE_PATTERNS, DEFAULT_BASE, DEFAULT_MODEL, LORA_FILENAME, MODEL_PATTERNS, TRANSFORMER_DIR, download
+from .sources import (BASE_PATTERNS, BASE_WHAT, DEFAULT_BASE, DEFAULT_MODEL, LORA_FILENAME, MODEL_PATTERNS, MODEL_WHAT,
+                      TRANSFORMER_DIR, download)
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ def download_dsd_model(folder: str, repo_id: str = DEFAULT_MODEL, token: str | N
                        tqdm_class=None) -> str:
     """Download ``transformer/`` and the LoRA of ``repo_id`` into ``folder`` (resumable; files land complete)."""
     os.makedirs(folder, exist_ok=True)
-    download(repo_id, MODEL_PATTERNS, "the DSD weights", token, local_dir=folder, tqdm_class=tqdm_class)
+    download(repo_id, MODEL_PATTERNS, MODEL_WHAT, token, local_dir=folder, tqdm_class=tqdm_class)
     if not (is_dsd_model_folder(folder) and os.path.isfile(os.path.join(folder, LORA_FILENAME))):
         raise ModelNotFoundError(f"the download of {repo_id} into {folder} is incomplete; run it again.")
     return folder
@@ -84,37 +86,24 @@ def download_dsd_model(folder: str, repo_id: str = DEFAULT_MODEL, token: str | N
 def download_base(folder: str, repo_id: str = DEFAULT_BASE, token: str | None = None, tqdm_class=None) -> str:
     """Download the FLUX.1-dev components DSD uses (no transformer) into ``folder``."""
     os.makedirs(folder, exist_ok=True)
-    download(repo_id, BASE_PATTERNS, "the FLUX.1-dev base components", token, local_dir=folder,
-             tqdm_class=tqdm_class)
+    download(repo_id, BASE_PATTERNS, BASE_WHAT, token, local_dir=folder, tqdm_class=tqdm_class)
     return folder
 
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """Everything that decides which pipeline is loaded; equal specs mean the same pipeline."""
+    """Everything that decides which pipeline is loaded, already typed; equal specs mean the same pipeline.
 
-    base: str
-    model: str
-    dtype: str | None = None
+    source: a :class:`~dsd_core.sources.FolderSource` or :class:`~dsd_core.sources.FilesSource`.
+    memory, speed: a :class:`~dsd_core.memory.MemoryConfig` and a :class:`~dsd_core.speed.SpeedConfig`.
+    dtype: a ``torch.dtype`` or None (bf16 on a GPU, fp32 on CPU); device: e.g. ``"cuda"`` or None (best).
+    """
+
+    source: object
+    memory: object = None
+    speed: object = None
+    dtype: object = None
     device: str | None = None
-    memory: str = "full"
-    speed: str = "exact"
-
-
-@dataclass(frozen=True)
-class FilesPipelineSpec:
-    """A pipeline from single files (ComfyUI's model folders); see :func:`dsd_core.single_file.load_pipeline_from_files`."""
-
-    transformer: str
-    clip_l: str
-    t5xxl: str
-    vae: str
-    lora: str | None = None
-    tokenizers: str | None = None
-    dtype: str | None = None
-    device: str | None = None
-    memory: str = "full"
-    speed: str = "exact"
 
 
 class LazyPipeline:
@@ -124,7 +113,7 @@ class LazyPipeline:
     memory when asked, and reload transparently.
     """
 
-    def __init__(self, spec: PipelineSpec | FilesPipelineSpec, loader: Callable[[object], object] | None = None):
+    def __init__(self, spec: PipelineSpec, loader: Callable[[PipelineSpec], object] | None = None):
         self.spec = spec
         self._loader = loader or _load_spec
         self._pipe = None
@@ -167,14 +156,8 @@ class LazyPipeline:
         return f"LazyPipeline({self.spec}, loaded={self.loaded})"
 
 
-def _load_spec(spec: PipelineSpec | FilesPipelineSpec):
-    if isinstance(spec, FilesPipelineSpec):
-        from .single_file import load_pipeline_from_files
-
-        return load_pipeline_from_files(spec.transformer, spec.clip_l, spec.t5xxl, spec.vae, lora=spec.lora,
-                                        dtype=spec.dtype, device=spec.device, tokenizer_dirs=spec.tokenizers,
-                                        memory=spec.memory, speed=spec.speed)
+def _load_spec(spec: PipelineSpec):
     from .loading import load_pipeline
 
-    return load_pipeline(base=spec.base, model=spec.model, dtype=spec.dtype, device=spec.device,
-                         memory=spec.memory, speed=spec.speed, local_files_only=True)
+    return load_pipeline(source=spec.source, memory=spec.memory, speed=spec.speed, dtype=spec.dtype,
+                         device=spec.device)

@@ -21,6 +21,7 @@ dtype, then moved to the device. Image ``k`` of a batch uses seed ``S + k`` and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 from dataclasses import dataclass, field
@@ -35,8 +36,10 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import canvas as cv
+from . import options
 from .errors import GenerationCancelled, InputError
-from .guidance import REFERENCE_START_STEP, TrueGuidance, combine
+from .guidance import TrueGuidance, combine
+from .hooks import CallHook
 from .image import prepare_reference
 from .numerics import check_finite, check_step, serialized
 
@@ -50,8 +53,6 @@ EXAMPLE = """
     >>> out = pipe(load_image("cat.png"), "this cat wearing a wizard hat", seed=0)
     >>> out.images[0].save("wizard_cat.png")
 """
-
-CONDITION_SAMPLING = ("sample", "mode")
 
 
 @dataclass
@@ -84,38 +85,59 @@ class DSDPipeline(FluxPipeline):
     FLUX.1-dev config), ``vae`` (AutoencoderKL), ``text_encoder`` + ``tokenizer`` (CLIP-L), ``text_encoder_2`` +
     ``tokenizer_2`` (T5-XXL) and ``transformer`` (:class:`dsd_core.DSDTransformer2DModel`).
 
+    The pipeline knows nothing of memory modes or speed options: a loader installs their per-call behaviour as named
+    :class:`~dsd_core.hooks.CallHook` objects (:meth:`set_call_hook`), which ``__call__`` runs at fixed points.
+
     Example:
     """ + EXAMPLE
 
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
+                 image_encoder=None, feature_extractor=None):
+        super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+                         image_encoder=image_encoder, feature_extractor=feature_extractor)
+        self._call_hooks: dict[str, CallHook] = {}
+
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_dsd(cls, base: str, model: str | None = None, **kwargs) -> "DSDPipeline":
-        """Load the full DSD model set; see :func:`dsd_core.loading.load_pipeline` for the arguments."""
-        from .loading import DEFAULT_MODEL, load_pipeline
+    def from_dsd(cls, base: str | None = None, model: str | None = None, **kwargs) -> "DSDPipeline":
+        """Load the full DSD model set: ``load_pipeline(base=..., model=..., **kwargs)`` building this class.
 
-        return load_pipeline(base=base, model=model or DEFAULT_MODEL, **kwargs)
+        See :func:`dsd_core.loading.load_pipeline` for the arguments."""
+        from .assembly import build_pipeline
+        from .sources import FolderSource
+
+        build = {k: kwargs.pop(k) for k in ("memory", "speed", "device", "dtype") if k in kwargs}
+        return build_pipeline(FolderSource.from_kwargs(base=base, model=model, **kwargs), pipeline_class=cls,
+                              **build)
 
     def load_dsd_lora(self, path: str, adapter_name: str = "dsd") -> None:
-        """Load a LoRA (``.safetensors``) into the transformer as a PEFT adapter, unfused, like the reference.
-
-        LoRAs that also carry text-encoder weights go through diffusers' full ``load_lora_weights``.
-        """
-        if not str(path).endswith(".safetensors"):
-            raise InputError(f"{path} is not a .safetensors file; only safetensors LoRAs are loaded (never pickle).")
+        """Load a LoRA (``.safetensors``) as a PEFT adapter, unfused, like the reference (diffusers'
+        ``load_lora_weights``: the transformer, and the text encoders if the file carries weights for them)."""
         from .validation import check_lora_file
 
-        check_lora_file(path, self.transformer.config)  # keys and shapes from the header, before loading
-        state_dict, alphas, metadata = self.lora_state_dict(path, return_alphas=True, return_lora_metadata=True)
-        if not any("lora" in k for k in state_dict):
-            raise InputError(f"{path} holds no LoRA weights (no key contains 'lora'); pass a LoRA file.")
-        if any(k.startswith(("text_encoder.", "text_encoder_2.")) for k in state_dict):
-            self.load_lora_weights(path, adapter_name=adapter_name)
-            return
-        self.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=self.transformer,
-                                        adapter_name=adapter_name, metadata=metadata, _pipeline=self,
-                                        low_cpu_mem_usage=True)
+        if not str(path).endswith(".safetensors"):
+            raise InputError(f"{path} is not a .safetensors file; only safetensors LoRAs are loaded (never pickle).")
+        # the header only: a valid file, LoRA weights, target layers and shapes that fit this transformer
+        check_lora_file(path, self.transformer.config)
+        self.load_lora_weights(str(path), adapter_name=adapter_name, low_cpu_mem_usage=True)
+
+    # ------------------------------------------------------------------ per-call hooks
+    def set_call_hook(self, name: str, hook: CallHook | None) -> None:
+        """Install ``hook`` under ``name`` (replacing the one of that name), or remove it with ``None``.
+
+        Hooks run in the order they were first installed; see :mod:`dsd_core.hooks`."""
+        if hook is None:
+            self._call_hooks.pop(name, None)
+        else:
+            self._call_hooks[name] = hook
+
+    @property
+    def call_hooks(self) -> dict[str, CallHook]:
+        """The installed hooks by name (a copy)."""
+        return dict(self._call_hooks)
 
     # ------------------------------------------------------------------ stages
     @torch.no_grad()
@@ -164,26 +186,24 @@ class DSDPipeline(FluxPipeline):
         noise = torch.cat([randn_tensor((1, channels, h, w), generator=g, device=device, dtype=dtype) for g in gens])
         return cv.pack_latents(noise)
 
+    def prepare_timesteps(self, num_inference_steps: int, image_tokens: int, device) -> torch.Tensor:
+        """The reference's schedule: sigmas ``linspace(1, 1/N, N)``, shifted with ``mu`` from the token count."""
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        mu = cv.compute_mu(image_tokens, self.scheduler.config)
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        self._num_timesteps = len(timesteps)
+        return timesteps
+
     @torch.no_grad()
-    def encode_text(self, prompt: str, device, max_sequence_length: int = 512):
-        """(T5 embeddings, CLIP pooled embeddings, text ids) for one prompt string.
+    def encode_text(self, prompt: str, device, max_sequence_length: int = options.MAX_SEQUENCE_LENGTH):
+        """(T5 embeddings, CLIP pooled embeddings, text ids) for one prompt string (through the ``encode`` hooks)."""
+        def compute():
+            return self.encode_prompt(prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1,
+                                      max_sequence_length=max_sequence_length)
 
-        With ``release_text_encoders`` the results are kept on the pipeline (see :meth:`_before_denoising`).
-        """
-        cache = self.__dict__.setdefault("_text_cache", {}) if self.release_text_encoders else None
-        if cache is not None and (prompt, max_sequence_length) in cache:
-            return tuple(t.to(device) for t in cache[(prompt, max_sequence_length)])
-        if self.text_encoder is None or self.text_encoder_2 is None:
-            from .memory.apply import released_error
-
-            raise released_error(prompt)
-        embeds, pooled, text_ids = self.encode_prompt(
-            prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1,
-            max_sequence_length=max_sequence_length,
-        )
-        if cache is not None:
-            cache[(prompt, max_sequence_length)] = (embeds, pooled, text_ids)
-        return embeds, pooled, text_ids
+        for hook in reversed(list(self._call_hooks.values())):
+            compute = functools.partial(hook.encode, (prompt, max_sequence_length), compute)
+        return tuple(t.to(device) for t in compute())
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -196,7 +216,7 @@ class DSDPipeline(FluxPipeline):
         cv.check_canvas_size(height, width)
         if num_inference_steps < 1:
             raise InputError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
-        if condition_sampling not in CONDITION_SAMPLING:
+        if condition_sampling not in options.CONDITION_SAMPLING:
             raise InputError(f"condition_sampling must be 'sample' or 'mode', got {condition_sampling!r}.")
         if num_images_per_prompt < 1:
             raise InputError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}.")
@@ -205,10 +225,11 @@ class DSDPipeline(FluxPipeline):
                 f"the pipeline's transformer is a {type(self.transformer).__name__} without c_embedder; "
                 "DSD needs dsd_core.DSDTransformer2DModel (load it with DSDPipeline.from_dsd)."
             )
-        if max(height, width // 2) > 768:
+        if max(height, width // 2) > options.PANEL_WARN:
             logger.warning(
-                "panel %dx%d is larger than 768 px; DSD was trained at 512x512 panels and is known to distort "
-                "above ~768. Use 512 for the reference's quality.", width // 2, height,
+                "panel %dx%d is larger than %d px; DSD was trained at %dx%d panels and is known to distort "
+                "above ~%d. Use %d for the reference's quality.", width // 2, height, options.PANEL_WARN,
+                options.PANEL, options.PANEL, options.PANEL_WARN, options.PANEL,
             )
 
     # ------------------------------------------------------------------ call
@@ -218,13 +239,13 @@ class DSDPipeline(FluxPipeline):
         self,
         image: PIL.Image.Image | torch.Tensor,
         prompt: str,
-        height: int = 512,
-        width: int = 1024,
-        num_inference_steps: int = 28,
-        guidance_scale: float = 3.5,
-        image_guidance_scale: float = 1.0,
-        text_guidance_scale: float = 1.0,
-        true_guidance_start_step: int = REFERENCE_START_STEP,
+        height: int = options.PANEL,
+        width: int = 2 * options.PANEL,
+        num_inference_steps: int = options.STEPS,
+        guidance_scale: float = options.GUIDANCE,
+        image_guidance_scale: float = options.IMAGE_GUIDANCE,
+        text_guidance_scale: float = options.TEXT_GUIDANCE,
+        true_guidance_start_step: int = options.TRUE_GUIDANCE_START,
         true_guidance_end_step: int | None = None,
         negative_prompt: str = "",
         seed: int | list[int] | None = None,
@@ -235,7 +256,7 @@ class DSDPipeline(FluxPipeline):
         lora_scale: float | None = None,
         batch_true_guidance: bool = False,
         fit_mode: str = "center_crop",
-        max_sequence_length: int = 512,
+        max_sequence_length: int = options.MAX_SEQUENCE_LENGTH,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
@@ -253,7 +274,8 @@ class DSDPipeline(FluxPipeline):
             guidance_scale: FLUX distilled guidance (reference 3.5); the same value is fed to every pass.
             image_guidance_scale, text_guidance_scale: DSD true guidance ``s_i`` and ``s_t`` (both 1.0 = off; ``s_t``
                 only acts when ``s_i > 1``, as in the reference). See :mod:`dsd_core.guidance`.
-            true_guidance_start_step, true_guidance_end_step: the step window of true guidance (reference: 2, None).
+            true_guidance_start_step, true_guidance_end_step: the step window of true guidance (reference: 2, None;
+                a ``guidance`` hook such as the fast mode may set the end when it is None).
             negative_prompt: text of the unconditional passes (reference ``""``).
             seed: an int (image k gets ``seed + k``) or one int per image. ``None`` picks a random seed, returned in
                 ``output.seeds``.
@@ -276,7 +298,7 @@ class DSDPipeline(FluxPipeline):
         Raises:
             GenerationCancelled: when ``pipe._interrupt`` is set during the run.
         """
-        # 1. Check inputs
+        # 1. Check the inputs; fix the seeds, generators and the true-guidance schedule
         from .validation import check_generation, check_reference
 
         check_generation(prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
@@ -287,109 +309,123 @@ class DSDPipeline(FluxPipeline):
                          negative_prompt=negative_prompt)
         check_reference(image)
         self.check_dsd_inputs(height, width, num_inference_steps, condition_sampling, num_images_per_prompt)
-        for k in callback_on_step_end_tensor_inputs:
-            if k not in self._callback_tensor_inputs:
-                raise InputError(f"callback tensor {k!r} is not available; choose from {self._callback_tensor_inputs}.")
-        speed = getattr(self, "speed_config", None)  # dsd_core.speed.apply_speed: the fast mode's guidance window
-        if true_guidance_end_step is None and speed is not None:
-            true_guidance_end_step = speed.call_kwargs(num_inference_steps).get("true_guidance_end_step")
-        guidance_cfg = TrueGuidance(image_guidance_scale, text_guidance_scale, true_guidance_start_step,
-                                    true_guidance_end_step)
+        self._check_callback_inputs(callback_on_step_end_tensor_inputs)
         n = num_images_per_prompt
         seeds = self._resolve_seeds(seed, n, generator, condition_generator)
-        noise_gens = _as_list(generator, n, "generator")
-        cond_gens = _as_list(condition_generator, n, "condition_generator")
+        noise_gens, cond_gens = _as_list(generator, n, "generator"), _as_list(condition_generator, n,
+                                                                             "condition_generator")
+        guidance = self._true_guidance(image_guidance_scale, text_guidance_scale, true_guidance_start_step,
+                                       true_guidance_end_step, num_inference_steps)
+        self._start_call(guidance_scale, lora_scale)
+        device, dtype = self._execution_device, self.transformer.dtype
+
+        # 2. Encode the prompt (and the negative prompt when true guidance is on; the reference gates it on s_i > 1)
+        prompt = clean_prompt(prompt)
+        text = self.encode_text(prompt, device, max_sequence_length)
+        negative = self.encode_text(negative_prompt, device, max_sequence_length) if guidance.enabled else None
+
+        # 3. Condition latents from the 1x2 canvas
+        reference = self._reference_tensor(image, height, width // 2, fit_mode)
+        cond = self.prepare_condition(reference, seeds, condition_sampling, cond_gens, device, dtype)
+        check_finite(cond, "condition")
+
+        # 4. Initial noise, position ids and timesteps
+        latents = self.prepare_noise(seeds, height, width, noise_gens, device, dtype)
+        img_ids = cv.latent_image_ids(height, width, device, dtype, self.vae_scale_factor)
+        timesteps = self.prepare_timesteps(num_inference_steps, latents.shape[1], device)
+
+        # 5. Denoising loop
+        inputs = _StepInputs.build(text, negative, cond, img_ids, guidance, guidance_scale, n, batch_true_guidance,
+                                   self.transformer.config.guidance_embeds, device)
+        self._before_denoising((prompt, negative_prompt), device, max_sequence_length)
+        latents = self._denoise(latents, timesteps, inputs, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                progress_callback)
+
+        # 6. Decode the full canvas; right half = result, left half = reconstruction of the reference
+        return self._output(latents, height, width, output_type, return_dict, seeds, prompt)
+
+    # ------------------------------------------------------------------ call steps
+    def _check_callback_inputs(self, names) -> None:
+        for k in names:
+            if k not in self._callback_tensor_inputs:
+                raise InputError(f"callback tensor {k!r} is not available; choose from {self._callback_tensor_inputs}.")
+
+    def _true_guidance(self, image_scale, text_scale, start_step, end_step, num_inference_steps) -> TrueGuidance:
+        guidance = TrueGuidance(image_scale, text_scale, start_step, end_step)
+        for hook in self._call_hooks.values():
+            guidance = hook.guidance(guidance, num_inference_steps)
+        return guidance
+
+    def _start_call(self, guidance_scale: float, lora_scale: float | None) -> None:
+        """diffusers' per-call state (read by its properties and callbacks)."""
         self._guidance_scale = guidance_scale
         self._joint_attention_kwargs = None if lora_scale is None else {"scale": float(lora_scale)}
         self._interrupt = False
         self._current_timestep = None
-        device = self._execution_device
-        dtype = self.transformer.dtype
-        panel_w = width // 2
 
-        # 2. Encode the prompt (and the empty prompt when true guidance is on; the reference gates it on s_i > 1)
-        prompt = clean_prompt(prompt)
-        prompt_embeds, pooled, text_ids = self.encode_text(prompt, device, max_sequence_length)
-        if guidance_cfg.enabled:
-            neg_embeds, neg_pooled, _ = self.encode_text(negative_prompt, device, max_sequence_length)
+    def _before_denoising(self, prompts: tuple[str, ...], device, max_sequence_length: int) -> None:
+        encode = functools.partial(self.encode_text, device=device, max_sequence_length=max_sequence_length)
+        for hook in list(self._call_hooks.values()):
+            hook.before_denoising(self, prompts, encode)
 
-        # 3. Condition latents from the 1x2 canvas
-        reference = self._reference_tensor(image, height, panel_w, fit_mode)
-        cond = self.prepare_condition(reference, seeds, condition_sampling, cond_gens, device, dtype)
-        check_finite(cond, "condition")
-        zero_cond = torch.zeros_like(cond) if guidance_cfg.enabled else None
-
-        # 4. Initial noise and position ids
-        latents = self.prepare_noise(seeds, height, width, noise_gens, device, dtype)
-        img_ids = cv.latent_image_ids(height, width, device, dtype, self.vae_scale_factor)
-
-        # 5. Timesteps: sigmas linspace(1, 1/N, N), shifted with mu from the canvas token count
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        mu = cv.compute_mu(latents.shape[1], self.scheduler.config)
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device,
-                                                            sigmas=sigmas, mu=mu)
-        self._num_timesteps = len(timesteps)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.tensor([guidance_scale], device=device, dtype=torch.float32)
-
-        def velocity(embeds, pooled_embeds, condition, x, t, branch="cond"):
-            with self._transformer_context(branch):
-                return self.transformer(
-                    hidden_states=x, timestep=t / 1000,
-                    guidance=None if guidance is None else guidance.expand(x.shape[0]),
-                    pooled_projections=pooled_embeds, encoder_hidden_states=embeds, txt_ids=text_ids,
-                    img_ids=img_ids, joint_attention_kwargs=self._joint_attention_kwargs, return_dict=False,
-                    condition_hidden_states=condition,
-                )[0]
-
-        def batch(t: torch.Tensor) -> torch.Tensor:  # contiguous copies, like the reference's repeat()
-            return t.repeat(n, *([1] * (t.ndim - 1))) if t.shape[0] == 1 and n > 1 else t
-
-        # Everything that stays the same across steps is prepared once.
-        pe, pp = batch(prompt_embeds), batch(pooled)
-        if guidance_cfg.enabled:
-            ne, npool = batch(neg_embeds), batch(neg_pooled)
-            if batch_true_guidance:
-                cfg_embeds, cfg_pooled = torch.cat([pe, ne, ne]), torch.cat([pp, npool, npool])
-                cfg_cond = torch.cat([batch(cond), batch(zero_cond), batch(cond)])
-
-        # 6. Denoising loop
-        self._before_denoising(negative_prompt, device, max_sequence_length)
-        with self.transformer.condition_cache(), self.progress_bar(total=num_inference_steps) as bar:
+    def _denoise(self, latents, timesteps, inputs: "_StepInputs", callback_on_step_end, callback_tensor_inputs,
+                 progress_callback) -> torch.Tensor:
+        total = len(timesteps)
+        with self.transformer.condition_cache(), self.progress_bar(total=total) as bar:
             for i, t in enumerate(timesteps):
                 if self._interrupt:
-                    raise GenerationCancelled(f"generation cancelled at step {i} of {num_inference_steps}")
+                    raise GenerationCancelled(f"generation cancelled at step {i} of {total}")
                 self._current_timestep = t
-                timestep = t.expand(n).to(latents.dtype)
-                if not guidance_cfg.active(i):
-                    noise_pred = velocity(pe, pp, cond, latents, timestep)
-                elif batch_true_guidance:
-                    v = velocity(cfg_embeds, cfg_pooled, cfg_cond, latents.repeat(3, 1, 1), timestep.repeat(3),
-                                 "batch")
-                    v_ti, v_uu, v_ui = v.chunk(3)
-                    noise_pred = combine(v_ti, v_ui, v_uu, guidance_cfg.image_scale, guidance_cfg.text_scale)
-                else:  # the reference's order: text+image, uncond, image-only
-                    v_ti = velocity(pe, pp, cond, latents, timestep)
-                    v_uu = velocity(ne, npool, zero_cond, latents, timestep, "uncond")
-                    v_ui = velocity(ne, npool, cond, latents, timestep, "image")
-                    noise_pred = combine(v_ti, v_ui, v_uu, guidance_cfg.image_scale, guidance_cfg.text_scale)
-
+                noise_pred = self.guided_velocity(i, latents, t.expand(inputs.batch).to(latents.dtype), inputs)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                check_step(latents, noise_pred, i, num_inference_steps)
-
+                check_step(latents, noise_pred, i, total)
                 if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
-                    out = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                    tensors = {"latents": latents, "prompt_embeds": inputs.prompt_embeds}
+                    out = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_tensor_inputs})
                     latents = (out or {}).pop("latents", latents)
                 if progress_callback is not None:
-                    progress_callback(i + 1, num_inference_steps, latents)
+                    progress_callback(i + 1, total, latents)
                 bar.update()
         if self._interrupt:
-            raise GenerationCancelled(f"generation cancelled after step {num_inference_steps}")
+            raise GenerationCancelled(f"generation cancelled after step {total}")
         self._current_timestep = None
+        return latents
 
-        # 7. Decode the full canvas; right half = result, left half = reconstruction of the reference
+    def guided_velocity(self, step: int, latents: torch.Tensor, timestep: torch.Tensor,
+                        inputs: "_StepInputs") -> torch.Tensor:
+        """The velocity of one step: one pass, or DSD's three true-guidance passes combined.
+
+        The three passes run in the reference's order (text+image, unconditional, image only), or as one batch of
+        three with ``batch_true_guidance`` (equal up to float rounding)."""
+        g = inputs.guidance
+        if not g.active(step):
+            return self._velocity(inputs.embeds, inputs.pooled, inputs.cond, latents, timestep, inputs, "cond")
+        if inputs.batched is not None:
+            embeds, pooled, cond = inputs.batched
+            v = self._velocity(embeds, pooled, cond, latents.repeat(3, 1, 1), timestep.repeat(3), inputs, "batch")
+            v_ti, v_uu, v_ui = v.chunk(3)
+        else:
+            v_ti = self._velocity(inputs.embeds, inputs.pooled, inputs.cond, latents, timestep, inputs, "cond")
+            v_uu = self._velocity(inputs.neg_embeds, inputs.neg_pooled, inputs.zero_cond, latents, timestep, inputs,
+                                  "uncond")
+            v_ui = self._velocity(inputs.neg_embeds, inputs.neg_pooled, inputs.cond, latents, timestep, inputs,
+                                  "image")
+        return combine(v_ti, v_ui, v_uu, g.image_scale, g.text_scale)
+
+    def _velocity(self, embeds, pooled, condition, x, t, inputs: "_StepInputs", branch: str) -> torch.Tensor:
+        """One transformer pass, inside the ``branch`` contexts of the installed hooks."""
+        with contextlib.ExitStack() as stack:
+            for hook in self._call_hooks.values():
+                stack.enter_context(hook.branch(self, branch))
+            return self.transformer(
+                hidden_states=x, timestep=t / 1000,
+                guidance=None if inputs.guidance_tensor is None else inputs.guidance_tensor.expand(x.shape[0]),
+                pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=inputs.text_ids,
+                img_ids=inputs.img_ids, joint_attention_kwargs=self._joint_attention_kwargs, return_dict=False,
+                condition_hidden_states=condition,
+            )[0]
+
+    def _output(self, latents, height: int, width: int, output_type: str, return_dict: bool, seeds, prompt: str):
         if output_type == "latent":
             self.maybe_free_model_hooks()
             return DSDPipelineOutput(images=latents, seeds=seeds, prompt=prompt) if return_dict else (latents,)
@@ -402,31 +438,6 @@ class DSDPipeline(FluxPipeline):
         if not return_dict:
             return (images,)
         return DSDPipelineOutput(images=images, references=references, panels=panels, seeds=seeds, prompt=prompt)
-
-    # ------------------------------------------------------------------ memory / speed hooks
-    # (set by dsd_core.memory.apply_memory and dsd_core.speed.apply_speed; inert by default)
-    release_text_encoders: bool = False
-
-    def _before_denoising(self, negative_prompt: str, device, max_sequence_length: int) -> None:
-        """Between encoding and the loop: release the text encoders (keeping the encoded negative prompt too),
-        send idle components back to the CPU under model offload, reset step-cache state."""
-        if self.release_text_encoders and self.text_encoder_2 is not None:
-            from .memory.apply import release_text_encoders
-
-            self.encode_text(negative_prompt, device, max_sequence_length)  # for later true-guidance runs
-            release_text_encoders(self)
-        for hook in getattr(self, "_all_hooks", None) or []:  # model offload: only the transformer on the GPU
-            if getattr(hook, "model", None) is not self.transformer and hasattr(hook, "offload"):
-                hook.offload()
-        if getattr(self.transformer, "is_cache_enabled", False):
-            self.transformer._reset_stateful_cache()
-
-    def _transformer_context(self, branch: str):
-        """diffusers' cache context per guidance branch (``cond``, ``uncond``, ``image``, ``batch``) when a step
-        cache is enabled (:mod:`dsd_core.speed`), so each branch keeps its own cached residuals."""
-        if getattr(self.transformer, "is_cache_enabled", False):
-            return self.transformer.cache_context(branch)
-        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -476,3 +487,43 @@ def _as_list(gen, n: int, name: str):
     if len(gens) != n:
         raise InputError(f"got {len(gens)} {name}s for {n} images; pass one per image.")
     return gens
+
+
+@dataclass
+class _StepInputs:
+    """What every step of one call reads: text embeddings and condition latents repeated per image, ids, the
+    guidance settings and, with batched true guidance, the three passes' inputs concatenated once."""
+
+    guidance: TrueGuidance
+    batch: int
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    prompt_embeds: torch.Tensor  # unbatched, for callbacks
+    text_ids: torch.Tensor
+    img_ids: torch.Tensor
+    cond: torch.Tensor
+    guidance_tensor: torch.Tensor | None
+    neg_embeds: torch.Tensor | None = None
+    neg_pooled: torch.Tensor | None = None
+    zero_cond: torch.Tensor | None = None
+    batched: tuple | None = None
+
+    @classmethod
+    def build(cls, text, negative, cond, img_ids, guidance: TrueGuidance, guidance_scale: float, n: int,
+              batch_true_guidance: bool, guidance_embeds: bool, device) -> "_StepInputs":
+        def batch(t: torch.Tensor) -> torch.Tensor:  # contiguous copies, like the reference's repeat()
+            return t.repeat(n, *([1] * (t.ndim - 1))) if t.shape[0] == 1 and n > 1 else t
+
+        prompt_embeds, pooled, text_ids = text
+        s = cls(guidance=guidance, batch=n, embeds=batch(prompt_embeds), pooled=batch(pooled),
+                prompt_embeds=prompt_embeds, text_ids=text_ids, img_ids=img_ids, cond=cond,
+                guidance_tensor=torch.tensor([guidance_scale], device=device, dtype=torch.float32)
+                if guidance_embeds else None)
+        if guidance.enabled:
+            s.zero_cond = torch.zeros_like(cond)
+            s.neg_embeds, s.neg_pooled = batch(negative[0]), batch(negative[1])
+            if batch_true_guidance:
+                s.batched = (torch.cat([s.embeds, s.neg_embeds, s.neg_embeds]),
+                             torch.cat([s.pooled, s.neg_pooled, s.neg_pooled]),
+                             torch.cat([batch(cond), batch(s.zero_cond), batch(cond)]))
+        return s

@@ -1,12 +1,11 @@
 """Speed options of the DSD pipeline: ``torch.compile``, the attention backend, and an opt-in fast mode.
 
 Everything is off by default (exact mode = the reference's numerics). :class:`SpeedConfig` collects the switches;
-:func:`apply_speed` installs them on a pipeline, and :meth:`SpeedConfig.call_kwargs` gives the per-call part::
+:func:`apply_speed` installs them on a pipeline (``load_pipeline(speed=...)`` does it), the per-call part (the
+guidance window, the step cache's state per guidance branch) as the pipeline's ``"speed"`` hook::
 
-    from dsd_core.speed import SpeedConfig, apply_speed
-    speed = SpeedConfig.fast()                        # or SpeedConfig(compile="regional", attention_backend=...)
-    apply_speed(pipe, speed)
-    out = pipe(image, prompt, num_inference_steps=28, image_guidance_scale=2.0, **speed.call_kwargs(28))
+    from dsd_core.speed import SpeedConfig
+    pipe = load_pipeline(..., speed=SpeedConfig.fast())   # or SpeedConfig(compile="regional", attention_backend=...)
 
 * **compile**: ``"regional"`` compiles each repeated transformer block once (diffusers ``compile_repeated_blocks``:
   the 19 double and 38 single blocks share two compiled graphs, so compiling takes seconds, not minutes);
@@ -25,12 +24,13 @@ Everything is off by default (exact mode = the reference's numerics). :class:`Sp
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
-import torch
-
 from .errors import DSDError
+from .hooks import CallHook
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,12 @@ class SpeedConfig:
                                                                                   require_installed=False))
 
     @classmethod
-    def exact(cls) -> "SpeedConfig":
-        return cls()
+    def from_name(cls, name: str) -> "SpeedConfig":
+        """The named mode of :data:`SPEED_MODES` (``exact`` or ``fast``): what a UI widget or a CLI flag holds."""
+        key = str(name).strip().lower()
+        if key not in SPEED_MODES:
+            raise DSDError(f"unknown speed mode {name!r}; use one of {', '.join(SPEED_MODES)} (or a SpeedConfig).")
+        return cls.fast() if key == "fast" else cls()
 
     @classmethod
     def fast(cls, **changes) -> "SpeedConfig":
@@ -86,6 +90,18 @@ class SpeedConfig:
             return {}
         return {"true_guidance_end_step": true_guidance_end_step(self.true_guidance_end, num_inference_steps)}
 
+    @staticmethod
+    def help() -> dict[str, str]:
+        """``{field: help text}`` for CLIs and UIs."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(SpeedConfig)}
+
+
+#: The named speed modes (UI widgets, CLI): name -> what it does.
+SPEED_MODES = {
+    "exact": "the reference's numerics (default)",
+    "fast": "First Block Cache: skips the rest of the transformer on steps whose first block changed little "
+            "(slightly lossy)",
+}
 
 #: Fast-mode threshold (ParaAttention/diffusers suggest ~0.08 for FLUX.1-dev as nearly lossless; see the benchmark).
 FAST_CACHE_THRESHOLD = 0.08
@@ -110,13 +126,9 @@ def usable_attention_backends() -> list[str]:
 
 
 def _requirement_error(name: str) -> str | None:
-    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+    from .diffusers_compat import attention_backend_problem
 
-    try:
-        _check_attention_backend_requirements(AttentionBackendName(name))
-    except (RuntimeError, ImportError, ValueError) as e:
-        return str(e).strip().splitlines()[0]
-    return None
+    return attention_backend_problem(name)
 
 
 def check_attention_backend(name: str, require_installed: bool = True) -> str:
@@ -153,9 +165,6 @@ def compile_transformer(transformer, mode: str = "regional", backend: str = "ind
     if compile_mode is not None:
         kwargs["mode"] = compile_mode
     if mode == "regional":
-        if not getattr(transformer, "_repeated_blocks", None) or not hasattr(transformer, "compile_repeated_blocks"):
-            raise DSDError("regional compile needs diffusers' compile_repeated_blocks (diffusers >= 0.35); use "
-                           "compile='full'.")
         transformer.compile_repeated_blocks(**kwargs)
     elif mode == "full":
         transformer.compile(**kwargs)
@@ -179,31 +188,25 @@ def disable_step_cache(transformer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- all
-SPEED_PRESETS = ("exact", "fast")
-
-
-def resolve_speed(speed=None) -> SpeedConfig:
-    """A :class:`SpeedConfig` from ``None``/``"exact"``, ``"fast"``, a dict of switches, or a config."""
-    if speed is None or speed == "exact":
+def check_speed(speed) -> SpeedConfig:
+    """``speed`` itself if it is a :class:`SpeedConfig`, ``SpeedConfig()`` (exact) for ``None``; anything else is a
+    one-line error that shows how to make one."""
+    if speed is None:
         return SpeedConfig()
-    if speed == "fast":
-        return SpeedConfig.fast()
     if isinstance(speed, SpeedConfig):
         return speed
-    if isinstance(speed, dict):
-        try:
-            return SpeedConfig(**speed)
-        except TypeError as e:
-            raise DSDError(f"invalid speed settings {speed!r}: {e}") from None
-    raise DSDError(f"speed must be 'exact', 'fast', a SpeedConfig or a dict, got {speed!r}.")
+    hint = f"SpeedConfig.from_name({speed!r})" if isinstance(speed, str) else "SpeedConfig(...)"
+    raise DSDError(f"speed must be a dsd_core.speed.SpeedConfig or None, got {type(speed).__name__} {speed!r}; use "
+                   f"{hint} (modes: {', '.join(SPEED_MODES)}).")
 
 
 def apply_speed(pipe, config: SpeedConfig | None = None) -> SpeedConfig:
-    """Install ``config`` on ``pipe`` (a :class:`~dsd_core.DSDPipeline`): attention backend, step cache, compile.
+    """Install ``config`` on ``pipe`` (a :class:`~dsd_core.DSDPipeline`): attention backend, step cache, compile,
+    and the per-call part as the pipeline's ``"speed"`` hook (:class:`SpeedHook`). Returns the config.
 
-    Compile comes last so it sees the other hooks. Returns the config (also kept as ``pipe.speed_config``).
+    Compile comes last so it sees the other hooks.
     """
-    config = config or SpeedConfig()
+    config = check_speed(config)
     transformer = pipe.transformer
     if config.attention_backend is not None:
         set_attention_backend(transformer, config.attention_backend)
@@ -213,10 +216,34 @@ def apply_speed(pipe, config: SpeedConfig | None = None) -> SpeedConfig:
             logger.warning("First Block Cache with torch.compile: the cache decision breaks the graph once per "
                            "pass; expect a smaller gain from compile.")
     compile_transformer(transformer, config.compile, config.compile_backend, config.compile_mode)
-    pipe.speed_config = config
+    hook = SpeedHook(config)
+    pipe.set_call_hook("speed", hook if hook.active else None)
     return config
 
 
-def reset_compile_cache() -> None:
-    """Forget compiled graphs (e.g. between benchmarks)."""
-    torch._dynamo.reset()
+class SpeedHook(CallHook):
+    """The per-call part of a speed config: the true-guidance window (``true_guidance_end``, when the call does not
+    set ``true_guidance_end_step``), and the step cache's state, reset before each loop and kept per guidance branch
+    (diffusers' ``cache_context``)."""
+
+    def __init__(self, config: SpeedConfig):
+        self.config = config
+
+    @property
+    def active(self) -> bool:
+        return self.config.first_block_cache is not None or self.config.true_guidance_end is not None
+
+    def guidance(self, guidance, num_inference_steps):
+        if guidance.end_step is not None or self.config.true_guidance_end is None:
+            return guidance
+        return dataclasses.replace(guidance, end_step=true_guidance_end_step(self.config.true_guidance_end,
+                                                                             num_inference_steps))
+
+    def before_denoising(self, pipe, prompts, encode):
+        if getattr(pipe.transformer, "is_cache_enabled", False):
+            pipe.maybe_free_model_hooks()  # diffusers' public reset of stateful (cache) hooks; re-arms model offload
+
+    def branch(self, pipe, name):
+        if getattr(pipe.transformer, "is_cache_enabled", False):
+            return pipe.transformer.cache_context(name)
+        return contextlib.nullcontext()

@@ -164,8 +164,8 @@ class DSDTransformer2DModel(FluxTransformer2DModel):
             if not has_condition and not init_condition_embedder:
                 raise ModelFormatError(
                     f"{folder} holds a plain FLUX transformer (no c_embedder weights), not a DSD transformer. "
-                    "Use the transformer/ folder of primecai/dsd_model (to start training DSD from FLUX with a zero "
-                    "condition layer, the Python API takes init_condition_embedder=True)."
+                    "Use the transformer/ folder of primecai/dsd_model, or pass init_condition_embedder=True "
+                    "to start from FLUX with a zero condition layer (for training)."
                 )
             if not has_condition:
                 logger.warning("%s has no c_embedder weights; initialising the condition layer to zero.", folder)

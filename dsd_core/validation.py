@@ -606,32 +606,23 @@ def check_generate_args(args) -> None:
 
 
 def _default_device() -> str:
-    from .loading import default_device
+    from .assembly import default_device
 
     return default_device()
 
 
-def check_load_arguments(base=None, model=None, transformer=None, lora=None, dtype=None, device=None) -> None:
-    """Argument-level checks of :func:`dsd_core.loading.load_pipeline` (types, device, local paths' kinds)."""
-    from .loading import DTYPES
-
+def check_load_arguments(base=None, model=None, transformer=None, lora=None, device=None) -> None:
+    """Argument-level checks of a folder source (:class:`dsd_core.sources.FolderSource`): types, the device, and
+    local paths of the wrong kind (a file where a folder is needed says so instead of "does not exist")."""
     check_device(device)
-    if dtype is not None and not isinstance(dtype, str):
-        import torch
-
-        if not isinstance(dtype, torch.dtype):
-            raise InputError(f"dtype must be a string or torch.dtype, got {type(dtype).__name__}.")
-    elif dtype is not None and dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
-    for name, value, want in (("base", base, "folder"), ("model", model, "folder"),
-                              ("transformer", transformer, "folder")):
+    for name, value in (("base", base), ("model", model), ("transformer", transformer)):
         if value is None or value is False:
             continue
         if not isinstance(value, (str, os.PathLike)):
             raise InputError(f"{name} must be a path or repo id, got {type(value).__name__}.")
         path = os.path.expanduser(os.fspath(value))
         if os.path.isfile(path):
-            raise ModelFormatError(f"{name} {path} is a file, but a {want} is needed; pass the {want} that holds it "
+            raise ModelFormatError(f"{name} {path} is a file, but a folder is needed; pass the folder that holds it "
                                    f"({os.path.dirname(path) or '.'}?).")
     if lora not in (None, True, False) and not isinstance(lora, (str, os.PathLike)):
         raise InputError(f"lora must be a path, True/None (the model's LoRA) or False, got {type(lora).__name__}.")

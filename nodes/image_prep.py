@@ -18,15 +18,16 @@ class DSDImagePrep:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from dsd_core.image import FIT_MODES, RESAMPLE_FILTERS
+        from dsd_core import options as o
 
         return {"required": {
             "image": ("IMAGE",),
-            "fit": (list(FIT_MODES), {"default": "center_crop"}),
-            "resample": (list(RESAMPLE_FILTERS), {"default": "bicubic",
-                                                  "tooltip": "bicubic is Pillow's default and the reference's."}),
-            "panel_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 16,
-                                   "tooltip": "Side of the square panel; DSD was trained at 512."}),
+            "fit": (list(o.FIT_MODES), {"default": "center_crop",
+                                        "tooltip": "; ".join(f"{k}: {v}" for k, v in o.FIT_MODES.items())}),
+            "resample": (list(o.RESAMPLE_FILTERS), {"default": "bicubic",
+                                                    "tooltip": "bicubic is Pillow's default and the reference's."}),
+            "panel_size": ("INT", {"default": o.PANEL, "min": 64, "max": 2048, "step": o.PANEL_STEP,
+                                   "tooltip": f"Side of the square panel; DSD was trained at {o.PANEL}."}),
             "pad_color": (list(PAD_COLORS), {"default": "white", "tooltip": "Fill colour for fit = pad."}),
         }}
 

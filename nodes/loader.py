@@ -11,20 +11,42 @@ import os
 
 from . import _comfy
 
-DTYPES = ["auto", "bfloat16", "float16", "float32"]
-SPEED = ["exact", "fast"]
 
-
-def _memory_input():
+def _config_inputs() -> dict:
+    """The dtype / memory / speed widgets of both loaders: choices and tooltips from dsd_core's option lists and the
+    configs' own descriptions (the same text as the CLI's help)."""
     from dsd_core.memory.config import PRESETS
+    from dsd_core.options import DTYPE_CHOICES, DTYPE_HELP
+    from dsd_core.speed import SPEED_MODES
 
-    tips = "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
-    return (list(PRESETS), {"default": "full", "tooltip": "Memory preset by GPU size (estimated peak VRAM in the "
-                                                          "README). " + tips})
+    presets = "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
+    modes = "; ".join(f"{k}: {v}" for k, v in SPEED_MODES.items())
+    return {
+        "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": DTYPE_HELP + "; fp8 files are upcast to it."}),
+        "memory": (list(PRESETS), {"default": "full", "tooltip": "Memory preset by GPU size (estimated peak VRAM in "
+                                                                 "the README). " + presets}),
+        "speed": (list(SPEED_MODES), {"default": "exact", "tooltip": modes}),
+    }
 
 
-SPEED_INPUT = (SPEED, {"default": "exact", "tooltip": "exact: the reference's numerics; fast: First Block Cache "
-                                                      "(skips work on steps that change little; slightly lossy)."})
+def _typed(dtype: str, memory: str, speed: str) -> dict:
+    """Widget strings -> dtype, MemoryConfig and SpeedConfig, at once (one-line errors naming the choices)."""
+    from dsd_core.memory.config import MemoryConfig
+    from dsd_core.options import parse_dtype
+    from dsd_core.speed import SpeedConfig
+
+    return dict(dtype=parse_dtype(dtype), memory=MemoryConfig.from_name(memory), speed=SpeedConfig.from_name(speed))
+
+
+def _load(source, settings: dict):
+    """A loaded DSD_MODEL handle for ``source`` (loaded now, so errors and load time show on the loader node)."""
+    from dsd_core.model_store import LazyPipeline, PipelineSpec
+
+    spec = PipelineSpec(source=source, device=_comfy.torch_device(), **settings)
+    handle = LazyPipeline(spec)
+    _comfy.make_room(spec.device)
+    handle.get()
+    return (handle,)
 
 
 def _choices(default: str, names: list[str]) -> list[str]:
@@ -56,9 +78,7 @@ class DSDModelLoader:
                      {"default": DEFAULT_BASE_NAME,
                       "tooltip": "FLUX.1-dev diffusers folder under models/diffusers (only its VAE, text encoders, "
                                  "tokenizers and scheduler are used)."}),
-            "dtype": (DTYPES, {"default": "auto", "tooltip": "auto: bfloat16 on a GPU (as the reference), float32 on CPU."}),
-            "memory": _memory_input(),
-            "speed": SPEED_INPUT,
+            **_config_inputs(),
             "download_missing": ("BOOLEAN", {"default": False,
                                              "tooltip": "Download missing models from Hugging Face (~24 GB DSD + ~10 GB "
                                                         "FLUX.1-dev parts) into models/dsd and models/diffusers."}),
@@ -66,16 +86,21 @@ class DSDModelLoader:
 
     @_comfy.user_errors
     def load(self, model, base, dtype, memory, speed, download_missing):
-        from dsd_core.model_store import LazyPipeline, PipelineSpec
+        from dsd_core.sources import FolderSource
 
-        model_dir = _resolve(model, _comfy.DSD_FOLDER, download_missing, "dsd")
-        base_dir = _resolve(base, _comfy.BASE_FOLDER, download_missing, "base")
-        spec = PipelineSpec(base=base_dir, model=model_dir, dtype=None if dtype == "auto" else dtype,
-                            device=_comfy.torch_device(), memory=memory, speed=speed)
-        handle = LazyPipeline(spec)
-        _comfy.make_room(spec.device)
-        handle.get()  # load now, so errors and load time show on this node
-        return (handle,)
+        from dsd_core.errors import DSDError
+        from dsd_core.sources import raise_all
+
+        settings = _typed(dtype, memory, speed)  # bad settings fail before any download
+        folders, problems = {}, []
+        for key, name, folder, kind in (("model", model, _comfy.DSD_FOLDER, "dsd"),
+                                        ("base", base, _comfy.BASE_FOLDER, "base")):
+            try:
+                folders[key] = _resolve(name, folder, download_missing, kind)
+            except DSDError as e:  # report both folders at once
+                problems.append(e)
+        raise_all(problems)
+        return _load(FolderSource(**folders, local_files_only=True), settings)
 
 
 def _resolve(name: str, folder: str, download_missing: bool, kind: str) -> str:
@@ -129,25 +154,19 @@ class DSDFilesLoader:
         return {"required": {
             "transformer": files("transformer"), "lora": files("lora"), "clip_l": files("clip_l"),
             "t5xxl": files("t5xxl"), "vae": files("vae"),
-            "dtype": (DTYPES, {"default": "auto", "tooltip": "auto: bfloat16 on a GPU, float32 on CPU; fp8 files are "
-                                                             "upcast to it."}),
-            "memory": _memory_input(),
-            "speed": SPEED_INPUT,
+            **_config_inputs(),
         }}
 
     @_comfy.user_errors
     def load(self, transformer, lora, clip_l, t5xxl, vae, dtype, memory, speed):
-        from dsd_core.model_store import FilesPipelineSpec, LazyPipeline, find_folder
+        from dsd_core.model_store import find_folder
+        from dsd_core.sources import FilesSource
 
+        settings = _typed(dtype, memory, speed)
         paths = {key: _file(name, self.FOLDERS[key], key) for key, name in
                  dict(transformer=transformer, lora=lora, clip_l=clip_l, t5xxl=t5xxl, vae=vae).items()}
-        spec = FilesPipelineSpec(**paths, tokenizers=find_folder("tokenizers", _comfy.folder_roots(_comfy.DSD_FOLDER)),
-                                 dtype=None if dtype == "auto" else dtype, device=_comfy.torch_device(),
-                                 memory=memory, speed=speed)
-        handle = LazyPipeline(spec)
-        _comfy.make_room(spec.device)
-        handle.get()
-        return (handle,)
+        source = FilesSource(**paths, tokenizers=find_folder("tokenizers", _comfy.folder_roots(_comfy.DSD_FOLDER)))
+        return _load(source, settings)
 
 
 def _file(name: str, folder: str, what: str) -> str:

@@ -28,7 +28,7 @@ class DSDSampler:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from dsd_core.image import FIT_MODES
+        from dsd_core import options as o
 
         return {
             "required": {
@@ -37,26 +37,26 @@ class DSDSampler:
                 "prompt": ("STRING", {"multiline": True, "default": "this character playing soccer",
                                       "tooltip": "What the subject should do, e.g. 'this toy on a beach'."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
-                "steps": ("INT", {"default": 28, "min": 1, "max": 200}),
-                "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 20.0, "step": 0.1,
-                                       "tooltip": "FLUX distilled guidance (3.5 in the reference)."}),
-                "image_guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                "steps": ("INT", {"default": o.STEPS, "min": 1, "max": 200}),
+                "guidance": ("FLOAT", {"default": o.GUIDANCE, "min": 0.0, "max": 20.0, "step": 0.1,
+                                       "tooltip": f"FLUX distilled guidance ({o.GUIDANCE} in the reference)."}),
+                "image_guidance": ("FLOAT", {"default": o.IMAGE_GUIDANCE, "min": 0.0, "max": 10.0, "step": 0.05,
                                              "tooltip": "True image guidance; > 1 strengthens identity (1.5 in the "
                                                         "official demo) at 3 passes per step."}),
-                "text_guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                "text_guidance": ("FLOAT", {"default": o.TEXT_GUIDANCE, "min": 0.0, "max": 10.0, "step": 0.05,
                                             "tooltip": "True text guidance; only acts when image_guidance > 1."}),
-                "panel_size": ("INT", {"default": 512, "min": 256, "max": 1024, "step": 16,
+                "panel_size": ("INT", {"default": o.PANEL, "min": o.PANEL_MIN, "max": o.PANEL_MAX,
+                                       "step": o.PANEL_STEP,
                                        "tooltip": "Side of each panel (the canvas is panel_size x 2*panel_size); "
-                                                  "DSD was trained at 512 and distorts above ~768."}),
+                                                  f"DSD was trained at {o.PANEL} and distorts above ~{o.PANEL_WARN}."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 16}),
-                "lora_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05}),
+                "lora_scale": ("FLOAT", {"default": o.LORA_SCALE, "min": 0.0, "max": 2.0, "step": 0.05}),
             },
             "optional": {
-                "condition_sampling": (["sample", "mode"], {"default": "sample",
-                                                            "tooltip": "sample: VAE posterior sample (reference); "
-                                                                       "mode: posterior mean."}),
-                "fit": (list(FIT_MODES), {"default": "center_crop",
-                                          "tooltip": "How a reference that is not panel-sized is fitted."}),
+                "condition_sampling": (list(o.CONDITION_SAMPLING), {"default": "sample", "tooltip": "; ".join(
+                    f"{k}: {v}" for k, v in o.CONDITION_SAMPLING.items())}),
+                "fit": (list(o.FIT_MODES), {"default": "center_crop", "tooltip": "How a reference that is not "
+                        "panel-sized is fitted: " + "; ".join(f"{k}: {v}" for k, v in o.FIT_MODES.items())}),
             },
         }
 

@@ -1,14 +1,12 @@
 """Shared test setup: no network, tiny models built offline, the parity fixture.
 
-Every test runs with the Hugging Face libraries in offline mode and with a socket guard that fails any connection
-to a non-loopback address, so a test that would touch the internet fails instead.
+Every test runs with the Hugging Face libraries in offline mode and with a network guard (``tests/netguard.py``) that
+fails any name lookup or connection to a non-loopback address, so a test that would touch the internet fails instead.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import sys
 
 import pytest
@@ -20,42 +18,16 @@ FIXTURE = os.path.join(PARITY, "fixture")
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+if os.path.join(ROOT, "tests") not in sys.path:
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "DO_NOT_TRACK",
              "HF_HUB_DISABLE_TELEMETRY"):
     os.environ[_var] = "1"
 
+import netguard  # noqa: E402  (tests/netguard.py, shared with the engine launcher)
 
-def _is_loopback(address) -> bool:
-    host = address[0] if isinstance(address, tuple) else address
-    if not isinstance(host, str):
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-_real_connect = socket.socket.connect
-_real_connect_ex = socket.socket.connect_ex
-
-
-def _guarded_connect(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
-        raise RuntimeError(f"test tried to reach the network ({address!r}); tests must stay on 127.0.0.1")
-    return _real_connect(self, address)
-
-
-def _guarded_connect_ex(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
-        raise RuntimeError(f"test tried to reach the network ({address!r}); tests must stay on 127.0.0.1")
-    return _real_connect_ex(self, address)
-
-
-socket.socket.connect = _guarded_connect
-socket.socket.connect_ex = _guarded_connect_ex
+netguard.install()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,30 +45,48 @@ def tiny_model(tmp_path_factory) -> dict:
     return write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
 
 
+#: The standard small run of the tests: 64x128 canvas, 3 steps, true guidance on at step 2 (the reference's start).
+RUN = dict(prompt="a red toy", height=64, width=128, num_inference_steps=3, seed=1, output_type="pt",
+           image_guidance_scale=2.0)
+
+
+def run(pipe, image, **overrides):
+    """The one way tests call a pipeline: :data:`RUN` with ``overrides`` (returns the output)."""
+    return pipe(image, **{**RUN, **overrides})
+
+
 @pytest.fixture(scope="session")
-def fixture_pipe():
+def make_pipe(tiny_model):
+    """The one tiny-pipeline factory: ``make_pipe(memory=None, speed=None, dtype="float32", **load_pipeline_kwargs)``
+    loads the tiny model set (or ``base=``/``model=``/``source=`` given) on the CPU, offline, progress bars off."""
+    from dsd_core.loading import load_pipeline
+
+    def make(memory=None, speed=None, dtype="float32", device="cpu", source=None, **kw):
+        if source is None:
+            kw = {"base": tiny_model["base"], "model": tiny_model["model"], "local_files_only": True, **kw}
+        pipe = load_pipeline(source=source, memory=memory, speed=speed, dtype=dtype, device=device, **kw)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def fixture_pipe(make_pipe):
     """The parity fixture (tiny official-layout DSD model set) as a float32 DSDPipeline on CPU."""
-    from dsd_core.loading import load_pipeline
-
-    pipe = load_pipeline(base=os.path.join(FIXTURE, "base"), model=os.path.join(FIXTURE, "dsd"), dtype="float32",
-                         device="cpu", local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return make_pipe(base=os.path.join(FIXTURE, "base"), model=os.path.join(FIXTURE, "dsd"))
 
 
 @pytest.fixture(scope="session")
-def tiny_pipe(tiny_model):
+def tiny_pipe(make_pipe):
     """The tiny model set as a float32 DSDPipeline on CPU."""
-    from dsd_core.loading import load_pipeline
-
-    pipe = load_pipeline(base=tiny_model["base"], model=tiny_model["model"], dtype="float32", device="cpu",
-                         local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return make_pipe()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def reference_image():
+    """The one reference of the tests: the tiny set's synthetic picture (seed 5) fitted to a 512 panel; the
+    pipeline fits it to smaller panels itself (center crop + bicubic, like the reference)."""
     from dsd_core.image import prepare_reference
     from dsd_core.tiny import reference_image as make
 

@@ -15,15 +15,13 @@ request is recorded (path, headers, parsed JSON body). Scenarios:
 * ``empty``: HTTP 200 with ``"candidates": []``;
 * ``blocked``: HTTP 200 with ``promptFeedback.blockReason`` and no candidates.
 
-``socket_guard`` is a pytest fixture that makes any connection or name lookup
-to a non-loopback address fail, so a test can never reach the network.
+The network guard of every test (``tests/netguard.py``, installed by conftest) keeps the fake the only server a
+test can reach.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -170,50 +168,6 @@ class FakeGemini:
                          "usageMetadata": {"promptTokenCount": 10, "totalTokenCount": 10}, "modelVersion": model}
         text = self.caption if _has_image(body) else self.enhanced
         return 200, _success_body(text, model)
-
-
-def _is_loopback_host(host) -> bool:
-    if host is None:
-        return True
-    if isinstance(host, bytes):
-        host = host.decode()
-    host = str(host).strip("[]")
-    if host in ("localhost", "localhost.localdomain", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
-@pytest.fixture
-def socket_guard(monkeypatch):
-    """Fail any socket connection or DNS lookup that is not for a loopback address."""
-    real_connect = socket.socket.connect
-    real_connect_ex = socket.socket.connect_ex
-    real_getaddrinfo = socket.getaddrinfo
-
-    def check(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback_host(address[0]):
-            raise RuntimeError(f"test tried to connect to a non-loopback address: {address!r}")
-
-    def connect(sock, address):
-        check(sock, address)
-        return real_connect(sock, address)
-
-    def connect_ex(sock, address):
-        check(sock, address)
-        return real_connect_ex(sock, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        if not _is_loopback_host(host):
-            raise RuntimeError(f"test tried to resolve a non-loopback host: {host!r}")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    yield
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ def _pickle_vae(folder):
 @pytest.fixture
 def no_weights(monkeypatch):
     """Loaders that fail the test: every case using this must be answered before any weights load."""
-    from dsd_core import single_file
+    from dsd_core import single_file, sources
     from dsd_core.pipeline import DSDPipeline
     from dsd_core.transformer import DSDTransformer2DModel
 
@@ -111,6 +111,8 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(DSDPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: banned("base")()))
     monkeypatch.setattr(DSDPipeline, "load_dsd_lora", lambda self, *a, **k: banned("lora")())
     monkeypatch.setattr(single_file, "load_components_from_files", banned("single files"))
+    for name in ("_base_components", "_folder_transformer", "_file_transformer"):  # the sources' loaders
+        monkeypatch.setattr(sources, name, banned(name))
     return calls
 
 
@@ -283,16 +285,16 @@ def test_paths_of_the_wrong_kind_say_so(tiny_model, tmp_path, capsys, no_weights
 
 def test_base_loads_safetensors_only(tiny_pipe, tiny_model, tmp_path, monkeypatch):
     """Even past the header check (e.g. a .bin next to the safetensors), diffusers is told to read safetensors."""
-    from dsd_core.pipeline import DSDPipeline
+    from diffusers import FluxPipeline
 
     seen = {}
-    real = DSDPipeline.from_pretrained.__func__
+    real = FluxPipeline.from_pretrained.__func__
 
     def spy(cls, *args, **kwargs):
         seen.update(kwargs)
         return real(cls, *args, **kwargs)
 
-    monkeypatch.setattr(DSDPipeline, "from_pretrained", classmethod(spy))
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(spy))
     from dsd_core.loading import load_pipeline
 
     load_pipeline(base=tiny_model["base"], model=tiny_model["model"], dtype="float32", device="cpu",
@@ -391,13 +393,14 @@ def test_non_finite_values_in_the_run_stop_it_with_the_cause(stage, target, tiny
 # ---------------------------------------------------------------------------------------------- nodes
 def _handle(pipe=None):
     from dsd_core.model_store import LazyPipeline, PipelineSpec
+    from dsd_core.sources import FolderSource
 
     def loader(spec):
         if pipe is None:
             raise AssertionError("the model was loaded before the bad input was reported")
         return pipe
 
-    return LazyPipeline(PipelineSpec(base="b", model="m", device="cpu"), loader=loader)
+    return LazyPipeline(PipelineSpec(source=FolderSource(base="b", model="m"), device="cpu"), loader=loader)
 
 
 def _sample(handle, image, **kw):
@@ -453,7 +456,7 @@ def test_node_model_names_cannot_leave_the_model_folders(name, tmp_path, monkeyp
     (tmp_path / "dsd_model" / "transformer").mkdir(parents=True)  # what ../dsd_model would reach
     monkeypatch.setattr(_comfy, "folder_roots", lambda folder: [str(tmp_path / folder)])
     loader = nodes.NODE_CLASS_MAPPINGS["DSDModelLoader"]()
-    with pytest.raises(InputError, match="outside its model folder"):
+    with pytest.raises(DSDError, match="outside its model folder"):  # reported with any other loader problem
         loader.load(model=name, base="FLUX.1-dev", dtype="float32", memory="full", speed="exact",
                     download_missing=False)
     files = nodes.NODE_CLASS_MAPPINGS["DSDFilesLoader"]()
@@ -597,7 +600,7 @@ def test_cli_png_metadata_has_no_local_paths(tiny_model, tmp_path, capsys):
 
 def test_temp_files_of_killed_runs_are_cleaned_up(tmp_path):
     """kill -9 between writing and renaming leaves a hidden temp file; the next save in that folder removes it."""
-    from dsd_core.cli import save_png
+    from dsd_core.commands.generate import save_png
     from dsd_core.validation import TEMP_PREFIX
 
     proc = subprocess.Popen([sys.executable, "-c", "pass"])

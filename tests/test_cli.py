@@ -34,6 +34,23 @@ def sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+def test_help_and_memory_need_no_heavy_imports():
+    """`--help` and `memory` build every command's parser and the estimates without torch / diffusers (fast start;
+    benchmarks/bench_cli_startup.py times it)."""
+    code = ("import sys; from dsd_core.cli import build_parser, main; build_parser().format_help(); "
+            "assert main(['memory']) == 0; "
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'PIL') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "| 12gb |" in res.stdout
+
+
+def test_generate_help_speaks_cli_not_python():
+    res = cli("generate", "--help")
+    assert "gguf_file" not in res.stdout and "--gguf FILE" in res.stdout and "8gb:" in res.stdout
+
+
 def test_tiny_model_is_complete_and_deterministic(tiny_model, tmp_path):
     from dsd_core.tiny import write_tiny_model
 
@@ -54,6 +71,8 @@ def test_generate_end_to_end_and_reproducible(tiny_model, tmp_path):
             "--image-guidance", "1.5", "--device", "cpu", "--quiet"]
     res = cli(*args, "--out", str(tmp_path / "a.png"), "--num-images", "2", "--save-panel", "--save-reference")
     assert "saved" in res.stdout and "seed 7" in res.stdout and "seed 8" in res.stdout
+    # --quiet: only the saved paths; no progress bars, no other library's warnings
+    assert all(line.startswith("saved ") for line in res.stdout.splitlines()) and res.stderr == "", res.stderr
     a = PIL.Image.open(tmp_path / "a.png")
     assert a.size == (512, 512)
     meta = json.loads(a.text["dsd"])

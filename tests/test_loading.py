@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import FIXTURE
-from dsd_core.errors import ModelFormatError, ModelNotFoundError
+from dsd_core.errors import DSDError, ModelFormatError, ModelNotFoundError
 from dsd_core.loading import load_pipeline, resolve_base, resolve_model
+from dsd_core.memory import MemoryConfig
 from dsd_core.transformer import DSDTransformer2DModel
 
 DSD_DIR = os.path.join(FIXTURE, "dsd", "transformer")
@@ -161,7 +162,9 @@ def test_load_pipeline_parts(fixture_pipe):
     assert "dsd" in fixture_pipe.transformer.peft_config  # LoRA as an unfused PEFT adapter
     assert not any("lora" in n for n, _ in fixture_pipe.text_encoder.named_parameters())
     with pytest.raises(Exception, match="unknown offload .half.; use one of none, model, group, sequential"):
-        load_pipeline(os.path.join(FIXTURE, "base"), os.path.join(FIXTURE, "dsd"), offload="half")
+        load_pipeline(os.path.join(FIXTURE, "base"), os.path.join(FIXTURE, "dsd"), memory=MemoryConfig(offload="half"))
+    with pytest.raises(DSDError, match=r"memory must be a dsd_core.memory.MemoryConfig.*from_preset\('12gb'\)"):
+        load_pipeline(os.path.join(FIXTURE, "base"), os.path.join(FIXTURE, "dsd"), memory="12gb")
     with pytest.raises(Exception, match="unknown dtype"):
         load_pipeline(os.path.join(FIXTURE, "base"), os.path.join(FIXTURE, "dsd"), dtype="int8")
 
@@ -174,3 +177,68 @@ def test_official_config_loads(tmp_path):
     (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
     model = DSDTransformer2DModel.from_pretrained(tmp_path / "t")
     assert model.c_embedder.weight.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ download errors say why, all at once
+def test_everything_missing_is_reported_at_once_with_the_smallest_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelNotFoundError) as e:
+        load_pipeline(local_files_only=True, device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert ("cannot get the DSD weights from primecai/dsd_model and the FLUX.1-dev base components from "
+            "black-forest-labs/FLUX.1-dev: it is not in the local Hugging Face cache and downloads are off") in msg
+    assert "`hf download primecai/dsd_model --include 'transformer/*' --include pytorch_lora_weights.safetensors`" in msg
+    assert ("`hf download black-forest-labs/FLUX.1-dev --include model_index.json --include 'scheduler/*' --include "
+            "'text_encoder/*' --include 'text_encoder_2/*' --include 'tokenizer/*' --include 'tokenizer_2/*' "
+            "--include 'vae/*'`") in msg
+    # a GGUF transformer needs only the LoRA and the transformer config from the DSD repo (not 24 GB of weights)
+    pytest.importorskip("gguf")
+    gguf = tmp_path / "dsd-Q4_K.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ModelNotFoundError) as e:
+        load_pipeline(local_files_only=True, device="cpu",
+                      memory=MemoryConfig(transformer_weights="gguf", gguf_file=str(gguf)))
+    assert ("`hf download primecai/dsd_model --include pytorch_lora_weights.safetensors --include "
+            "transformer/config.json`") in str(e.value)
+
+
+def _hub_failure(monkeypatch, error: Exception, offline: bool = False):
+    import huggingface_hub
+    import huggingface_hub.constants as c
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", offline)
+    with pytest.raises(ModelNotFoundError) as e:
+        resolve_model("primecai/dsd_model")
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_download_errors_say_why(monkeypatch):
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    def chained(outer, inner):
+        try:
+            raise inner
+        except Exception as cause:
+            try:
+                raise outer from cause
+            except Exception as e:
+                return e
+
+    response = httpx2.Response(401, request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
+    no_network = chained(LocalEntryNotFoundError("cannot find"), httpx2.ConnectError("no route to host"))
+    assert "the Hub cannot be reached (no network?)" in _hub_failure(monkeypatch, no_network)
+    assert "downloads are off (HF_HUB_OFFLINE=1)" in _hub_failure(monkeypatch, LocalEntryNotFoundError("x"), True)
+    gated = _hub_failure(monkeypatch, GatedRepoError("gated", response=response))
+    assert "is gated: accept its licence on huggingface.co/primecai/dsd_model" in gated and "hf download" in gated
+    missing = _hub_failure(monkeypatch, RepositoryNotFoundError("nope", response=response))
+    assert "was not found on the Hugging Face Hub" in missing and "hf download" not in missing

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsd_core.memory import MemoryConfig, component_sizes, estimate, preset_table
+from dsd_core.memory import PRESETS, MemoryConfig, component_sizes, estimate, preset_table
 from dsd_core.memory.estimator import (ACTIVATION_FACTOR, DSD_LORA_FILE_BYTES, GIB, component_table,
                                       denoise_activation_bytes, lora_params)
 
@@ -35,6 +35,14 @@ def test_components_match_the_known_table(sizes, name):
     assert s.params == params
     for fmt, want in (("bf16", bf16), ("fp8-linear", fp8), ("nf4", nf4), ("fp32", fp32)):
         assert round(s.gib(fmt), 2) == want, (name, fmt, s.gib(fmt))
+
+
+def test_shipped_sizes_are_the_meta_build(sizes):
+    """The shipped component_sizes.json (read by the estimator, so `memory` needs no torch) equals a fresh build."""
+    from dsd_core.memory.estimator import measure_component_sizes
+
+    assert sizes == measure_component_sizes(), \
+        "regenerate: python -c 'from dsd_core.memory.estimator import write_component_sizes; write_component_sizes()'"
 
 
 def test_totals_and_blocks(sizes):
@@ -65,28 +73,28 @@ def test_activation_formula():
 
 
 def test_preset_targets():
-    peaks = {p: estimate(p).peak for p in ("full", "24gb", "16gb", "12gb", "8gb", "lowest")}
+    peaks = {p: estimate(MemoryConfig.from_preset(p)).peak for p in PRESETS}
     assert 32 <= peaks["full"] <= 35  # measured 33-34 GB without offload
     assert 22.5 <= peaks["24gb"] <= 24 and MemoryConfig.from_preset("24gb").transformer_weights == "native"
-    assert peaks["12gb"] <= 12 and estimate("12gb").formats["transformer"] == "fp8"
-    assert peaks["8gb"] <= 8 and estimate("8gb").formats["transformer"] == "nf4"
-    assert peaks["lowest"] <= 4 and estimate("lowest").config.offload == "group"
+    assert peaks["12gb"] <= 12 and estimate(MemoryConfig.from_preset("12gb")).formats["transformer"] == "fp8"
+    assert peaks["8gb"] <= 8 and estimate(MemoryConfig.from_preset("8gb")).formats["transformer"] == "nf4"
+    assert peaks["lowest"] <= 4 and estimate(MemoryConfig.from_preset("lowest")).config.offload == "group"
     assert list(peaks.values()) == sorted(peaks.values(), reverse=True)
 
 
 def test_estimate_details():
-    e = estimate("24gb")
+    e = estimate(MemoryConfig.from_preset("24gb"))
     assert max(e.phases, key=e.phases.get) == "denoise"
     assert e.weights["lora"] == pytest.approx(DSD_LORA_FILE_BYTES / GIB)
-    assert estimate("12gb").weights["lora"] == 0  # fused
-    full = estimate("full")
+    assert estimate(MemoryConfig.from_preset("12gb")).weights["lora"] == 0  # fused
+    full = estimate(MemoryConfig.from_preset("full"))
     assert full.transfer_gib == 0 and full.host_ram < 3
     released = estimate(MemoryConfig(release_text_encoders=True))
     assert released.phases["denoise"] < full.phases["denoise"] - 9  # T5 + CLIP gone after encoding
-    batched = estimate("24gb", true_guidance=True, batch_true_guidance=True)
+    batched = estimate(MemoryConfig.from_preset("24gb"), true_guidance=True, batch_true_guidance=True)
     assert batched.activations == pytest.approx(3 * e.activations)
-    seq = estimate("lowest", true_guidance=True)
-    assert seq.transfer_gib > estimate("lowest").transfer_gib * 2.5  # 80 passes instead of 28
+    seq = estimate(MemoryConfig.from_preset("lowest"), true_guidance=True)
+    assert seq.transfer_gib > estimate(MemoryConfig.from_preset("lowest")).transfer_gib * 2.5  # 80 passes instead of 28
     q8 = estimate(MemoryConfig(transformer_weights="gguf", gguf_file="dsd-Q8_0.gguf"))
     assert q8.formats["transformer"] == "gguf-Q8_0" and round(q8.weights["transformer"], 2) == 11.78
 

@@ -1,6 +1,7 @@
 """Every memory mode against the exact output, on the tiny model set on the CPU.
 
-Each mode runs the same generation (64x128 canvas, 4 steps, true guidance on for steps 2-3, seed 1) and is compared
+Each mode runs the same generation (conftest.run: 64x128 canvas, 4 steps, true guidance on for steps 2-3, seed 1,
+the tests' reference image) and is compared
 with the exact output of the same compute dtype, in pixels in [0, 1]. The tolerances below are ~3x the differences
 measured here; for scale, bf16 vs float32 exact differs by max 0.038 / mean 0.004 on the same run. A lossy mode must
 also differ from exact by more than float noise, so a mode that silently did nothing would fail.
@@ -31,12 +32,13 @@ import sys
 import pytest
 import torch
 
+import conftest
 from dsd_core.errors import DSDError, InputError, ModelFormatError, ModelNotFoundError
 from dsd_core.loading import load_pipeline
-from dsd_core.memory import MemoryConfig, PRESETS, apply_memory, resolve_memory
+from dsd_core.memory import MemoryConfig, PRESETS, apply_memory
 
 CUDA = torch.cuda.is_available()
-RUN = dict(height=64, width=128, num_inference_steps=4, seed=1, output_type="pt", image_guidance_scale=2.0)
+RUN = dict(num_inference_steps=4)  # over conftest.RUN: 64x128, seed 1, true guidance 2.0 from step 2
 
 # mode -> (max abs, mean abs) against the exact output of the same dtype; see the module docstring.
 TOLERANCES = {
@@ -67,28 +69,17 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (mode only ex
 
 
 @pytest.fixture(scope="module")
-def image():
-    from dsd_core.image import prepare_reference
-    from dsd_core.tiny import reference_image
-
-    return prepare_reference(reference_image(seed=5), 64, 64)
-
-
-@pytest.fixture(scope="module")
-def load(tiny_model):
-    def _load(memory=None, dtype="float32", device="cpu", **kw):
-        pipe = load_pipeline(base=tiny_model["base"], model=tiny_model["model"], dtype=dtype, device=device,
-                             local_files_only=True, memory=memory, **kw)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+def load(make_pipe):
+    def _load(memory=None, **kw):
+        return make_pipe(MemoryConfig.from_preset(memory) if isinstance(memory, str) else memory, **kw)
 
     return _load
 
 
 @pytest.fixture(scope="module")
-def run(image):
-    def _run(pipe, prompt="a red toy", **kw):
-        return pipe(image, prompt, **{**RUN, **kw}).images.float().cpu()
+def run(reference_image):
+    def _run(pipe, **kw):
+        return conftest.run(pipe, reference_image, **{**RUN, **kw}).images.float().cpu()
 
     return _run
 
@@ -250,7 +241,8 @@ def test_nf4_without_cuda_names_the_alternatives(load):
         load("8gb")
     assert "\n" not in str(e.value)
     with pytest.raises(DSDError, match="CUDA"):  # checked before resolving (downloading) anything
-        load_pipeline(model="primecai/dsd_model", base="black-forest-labs/FLUX.1-dev", device="cpu", memory="8gb")
+        load_pipeline(model="primecai/dsd_model", base="black-forest-labs/FLUX.1-dev", device="cpu",
+                      memory=MemoryConfig.from_preset("8gb"))
 
 
 @pytest.mark.skipif(not (CUDA and _has("bitsandbytes") and _has("torchao")),
@@ -345,8 +337,8 @@ def test_presets_and_switches():
     cfg = MemoryConfig.from_preset("8gb", gguf_file="~/m/dsd-Q4_K.gguf")
     assert cfg.transformer_weights == "gguf" and cfg.gguf_file == os.path.expanduser("~/m/dsd-Q4_K.gguf")
     assert "8gb" in cfg.describe() and "dsd-Q4_K.gguf" in cfg.describe()
-    assert resolve_memory({"preset": "16gb", "offload": "group"}).offload == "group"
-    assert resolve_memory(None, "model") == MemoryConfig(offload="model")
+    assert MemoryConfig.from_preset("16gb", offload="group").offload == "group"
+    assert MemoryConfig.from_name("24gb") == MemoryConfig(offload="model")
     assert set(MemoryConfig.help()) >= {"transformer_weights", "offload", "fuse_lora", "release_text_encoders"}
 
 
@@ -367,8 +359,8 @@ def test_config_validation(kwargs, match):
 
 def test_resolve_errors(load):
     with pytest.raises(DSDError, match="unknown memory preset 'huge'; use one of full, 24gb"):
-        resolve_memory("huge")
-    with pytest.raises(DSDError, match="both given"):
-        load("16gb", offload="model")
+        MemoryConfig.from_name("huge")
+    with pytest.raises(DSDError, match=r"memory must be a dsd_core.memory.MemoryConfig or None, got dict"):
+        load({"offload": "model"})
     with pytest.raises(DSDError, match="unknown memory setting"):
         MemoryConfig.from_preset("full", colour="red")

@@ -20,13 +20,13 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from fake_gemini import ENHANCED_REPLY, REPO_ROOT, FakeGemini, clean_env, socket_guard  # noqa: F401
+from fake_gemini import ENHANCED_REPLY, REPO_ROOT, FakeGemini, clean_env  # noqa: F401
 
 from dsd_core.prompt import DEFAULT_GEMINI_MODEL, clean_reply, prepare_reference
 from nodes import prompt_enhancer
 from nodes.prompt_enhancer import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, DSDPromptEnhancer
 
-pytestmark = pytest.mark.usefixtures("socket_guard", "clean_env")
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 LINK_TYPES = {"IMAGE", "MASK", "LATENT", "MODEL", "CLIP", "VAE", "CONDITIONING"}
 WIDGET_TYPES = {"STRING", "INT", "FLOAT", "BOOLEAN"}

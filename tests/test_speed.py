@@ -6,46 +6,30 @@ from __future__ import annotations
 import pytest
 import torch
 
+import conftest
 from dsd_core.errors import DSDError
 from dsd_core.speed import (SpeedConfig, apply_speed, attention_backends, check_attention_backend,
                             true_guidance_end_step, usable_attention_backends)
 
-RUN = dict(height=64, width=128, num_inference_steps=6, seed=3, output_type="pt", image_guidance_scale=2.0)
-
-
-@pytest.fixture(scope="module")
-def image():
-    from dsd_core.image import prepare_reference
-    from dsd_core.tiny import reference_image
-
-    return prepare_reference(reference_image(seed=7), 64, 64)
+RUN = dict(num_inference_steps=6, seed=3, prompt="a toy on a chair")  # over conftest.RUN
 
 
 @pytest.fixture
-def pipe(tiny_model):
-    from dsd_core.loading import load_pipeline
-
-    p = load_pipeline(base=tiny_model["base"], model=tiny_model["model"], dtype="float32", device="cpu",
-                      local_files_only=True)
-    p.set_progress_bar_config(disable=True)
-    return p
+def pipe(make_pipe):
+    return make_pipe()
 
 
 @pytest.fixture(scope="module")
-def run(image):
+def run(reference_image):
     def _run(p, **kw):
-        return p(image, "a toy on a chair", **{**RUN, **kw}).images
+        return conftest.run(p, reference_image, **{**RUN, **kw}).images
 
     return _run
 
 
 @pytest.fixture(scope="module")
-def exact(tiny_model, run, image):
-    from dsd_core.loading import load_pipeline
-
-    p = load_pipeline(base=tiny_model["base"], model=tiny_model["model"], dtype="float32", device="cpu",
-                      local_files_only=True)
-    p.set_progress_bar_config(disable=True)
+def exact(make_pipe, run):
+    p = make_pipe()
     out = {b: run(p, batch_true_guidance=b) for b in (False, True)}
     out["3 steps"] = run(p, num_inference_steps=3)
     return out
@@ -62,7 +46,12 @@ def full_passes(p) -> dict:
 def test_exact_is_the_default(pipe, run, exact):
     config = apply_speed(pipe)
     assert config == SpeedConfig() and config.is_exact and config.call_kwargs(28) == {}
-    assert not pipe.transformer.is_cache_enabled
+    assert not pipe.transformer.is_cache_enabled and "speed" not in pipe.call_hooks
+    assert SpeedConfig.from_name("exact") == SpeedConfig() and SpeedConfig.from_name("fast") == SpeedConfig.fast()
+    with pytest.raises(DSDError, match="unknown speed mode 'turbo'; use one of exact, fast"):
+        SpeedConfig.from_name("turbo")
+    with pytest.raises(DSDError, match=r"speed must be a dsd_core.speed.SpeedConfig.*from_name\('fast'\)"):
+        apply_speed(pipe, "fast")
     assert torch.equal(run(pipe), exact[False])
 
 
@@ -105,6 +94,13 @@ def test_fast_mode_guidance_window(pipe, run):
     pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
     run(pipe, **SpeedConfig(true_guidance_end=0.6).call_kwargs(RUN["num_inference_steps"]))
     assert len(calls) == 2 + 2 * 3 + 2  # steps 0-1 one pass, 2-3 three passes, 4-5 one pass
+    calls.clear()
+    apply_speed(pipe, SpeedConfig(true_guidance_end=0.6))  # the same window through the pipeline's speed hook
+    run(pipe)
+    assert len(calls) == 2 + 2 * 3 + 2
+    calls.clear()
+    run(pipe, true_guidance_end_step=3)  # an explicit window in the call wins
+    assert len(calls) == 2 + 1 * 3 + 3
 
 
 @pytest.mark.parametrize("kwargs,match", [

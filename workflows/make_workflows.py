@@ -18,6 +18,10 @@ import sys
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.dirname(HERE) not in sys.path:
+    sys.path.insert(0, os.path.dirname(HERE))
+from dsd_core import options as o  # noqa: E402  (the defaults the nodes and the CLI use; a light module)
+
 REFERENCE_IMAGE = "dsd_reference.png"
 
 
@@ -55,10 +59,10 @@ def loader(id, pos):
                                            speed="exact", download_missing=False), pos=pos, size=(340, 200))
 
 
-def sampler(id, pos, model, image, prompt="this character playing soccer", seed=0, image_guidance=1.0,
-            text_guidance=1.0, extra_inputs=None):
-    widgets = dict(prompt=prompt, seed=seed, steps=28, guidance=3.5, image_guidance=image_guidance,
-                   text_guidance=text_guidance, panel_size=512, batch_size=1, lora_scale=1.0,
+def sampler(id, pos, model, image, prompt="this character playing soccer", seed=0, image_guidance=o.IMAGE_GUIDANCE,
+            text_guidance=o.TEXT_GUIDANCE, extra_inputs=None):
+    widgets = dict(prompt=prompt, seed=seed, steps=o.STEPS, guidance=o.GUIDANCE, image_guidance=image_guidance,
+                   text_guidance=text_guidance, panel_size=o.PANEL, batch_size=1, lora_scale=o.LORA_SCALE,
                    condition_sampling="sample", fit="center_crop")
     inputs = {"dsd_model": (model, 0), "image": (image, 0), **(extra_inputs or {})}
     return Node(id, "DSDSampler", widgets, inputs, pos=pos, size=(380, 420))
@@ -80,11 +84,11 @@ def basic() -> tuple[list[Node], list[tuple]]:
          "diffusers FLUX.1-dev folder into models/diffusers/FLUX.1-dev, or switch download_missing on.\n"
          "2. Load your reference image (any size; it is center-cropped to a square).\n"
          "3. Describe what the subject should do: 'this character playing soccer', 'this logo on a T-shirt'.\n\n"
-         "Defaults are the official DSD settings: 28 steps, guidance 3.5, 512 px panels."),
+         f"Defaults are the official DSD settings: {o.STEPS} steps, guidance {o.GUIDANCE}, {o.PANEL} px panels."),
         ((420, -160), (380, 210),
-         "Knobs\n\nguidance: FLUX distilled guidance (3.5). Raise it if the subject drifts.\n"
+         f"Knobs\n\nguidance: FLUX distilled guidance ({o.GUIDANCE}). Raise it if the subject drifts.\n"
          "seed: same seed, same image. batch_size: seeds seed, seed+1, ...\n"
-         "panel_size: 512 is what DSD was trained at; above 768 it distorts.\n"
+         f"panel_size: {o.PANEL} is what DSD was trained at; above {o.PANEL_WARN} it distorts.\n"
          "For stronger identity, see the true-guidance workflow."),
     ]
     return nodes, notes
@@ -94,7 +98,7 @@ def true_guidance() -> tuple[list[Node], list[tuple]]:
     nodes = [
         Node(1, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, 330), size=(320, 320)),
         loader(2, (40, 80)),
-        Node(6, "DSDImagePrep", dict(fit="center_crop", resample="bicubic", panel_size=512, pad_color="white"),
+        Node(6, "DSDImagePrep", dict(fit="center_crop", resample="bicubic", panel_size=o.PANEL, pad_color="white"),
              {"image": (1, 0)}, pos=(420, 500), size=(320, 170)),
         sampler(3, (780, 80), model=2, image=6, prompt="this character surfing a big wave, golden hour",
                 seed=42, image_guidance=1.5, text_guidance=1.0),

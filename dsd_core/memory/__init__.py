@@ -1,9 +1,9 @@
 """Memory modes of the DSD pipeline: presets by card size, individual switches, and a memory model.
 
 * :mod:`.config` -- :class:`MemoryConfig` (the switches) and :data:`PRESETS` (``full``, ``24gb``, ``16gb``, ``12gb``,
-  ``8gb``, ``lowest``); :func:`resolve_memory` turns a name/dict/config into a :class:`MemoryConfig`.
+  ``8gb``, ``lowest``); ``MemoryConfig.from_preset(name, **switches)``.
 * :mod:`.apply` -- loading the transformer in its storage format and applying a config to a pipeline (used by
-  :func:`dsd_core.loading.load_pipeline`'s ``memory=`` argument).
+  :func:`dsd_core.assembly.build_pipeline`, i.e. ``load_pipeline(memory=...)``).
 * :mod:`.gguf` -- loading and writing GGUF quants of the DSD transformer.
 * :mod:`.estimator` -- the memory model: resident weights per component and format, activations, and the estimated
   peak VRAM of each preset for full-size DSD (built on the meta device; no weights needed).
@@ -11,9 +11,9 @@
 Usage::
 
     from dsd_core import load_pipeline
-    pipe = load_pipeline(memory="12gb")                  # or MemoryConfig(...)
-    from dsd_core.memory import estimate, preset_table
-    print(estimate("12gb").peak_gib); print(preset_table())
+    from dsd_core.memory import MemoryConfig, estimate, preset_table
+    pipe = load_pipeline(memory=MemoryConfig.from_preset("12gb"))      # or MemoryConfig(transformer_weights=...)
+    print(estimate(MemoryConfig.from_preset("12gb")).peak_gib); print(preset_table())
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ _EXPORTS = {
     "TRANSFORMER_WEIGHTS": "config",
     "TEXT_ENCODER_WEIGHTS": "config",
     "OFFLOAD_MODES": "config",
-    "resolve_memory": "config",
+    "check_memory": "config",
     "load_transformer": "apply",
     "apply_memory": "apply",
-    "release_text_encoders": "apply",
+    "MemoryHook": "apply",
     "load_gguf_transformer": "gguf",
     "save_gguf": "gguf",
     "estimate": "estimator",

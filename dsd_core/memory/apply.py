@@ -1,9 +1,10 @@
 """Applying a :class:`~dsd_core.memory.MemoryConfig`: loading the transformer in its storage format, fusing the LoRA,
-fp8 casting, offload, and releasing the text encoders. Everything here is diffusers/accelerate/torchao/bitsandbytes
-features wired together; the only own code is the choice of layers kept in full precision.
+fp8 casting, offload, and the per-call part (releasing the text encoders, offloading idle components). Everything
+here is diffusers/accelerate/torchao/bitsandbytes features wired together; the only own code is the choice of layers
+kept in full precision.
 
-Order in :func:`dsd_core.loading.load_pipeline`: :func:`load_transformer` -> pipeline -> LoRA ->
-:func:`apply_memory` (fuse LoRA -> fp8 casting -> offload / placement -> text-encoder release flag).
+Order in :func:`dsd_core.assembly.build_pipeline`: :func:`load_transformer` -> pipeline -> LoRA ->
+:func:`apply_memory` (fuse LoRA -> fp8 casting -> offload / placement -> :class:`MemoryHook`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import re
 
 import torch
 
-from ..errors import DSDError, InputError
+from ..errors import DSDError, InputError, ModelNotFoundError
+from ..hooks import CallHook
 from .config import MemoryConfig
 
 logger = logging.getLogger(__name__)
@@ -80,8 +82,6 @@ def check_available(cfg: MemoryConfig, device) -> None:
     """Fail before any download if ``cfg`` needs a package or a device that is missing (one-line errors)."""
     import os
 
-    from ..errors import ModelNotFoundError
-
     if cfg.transformer_weights == "nf4":
         require_nf4(device)
     elif cfg.transformer_weights in ("int8", "int4"):
@@ -121,27 +121,19 @@ def quantization_config(cfg: MemoryConfig, dtype: torch.dtype, device, transform
 
 
 # ---------------------------------------------------------------------------------------------- transformer
-def load_transformer(cfg: MemoryConfig, transformer_dir: str | None, dtype: torch.dtype, device=None,
-                     init_condition_embedder: bool = False, config=None):
+def load_transformer(cfg: MemoryConfig, parts, dtype: torch.dtype, device=None):
     """The DSD transformer in the storage format of ``cfg`` (fp8 casting happens later, after the LoRA).
 
-    ``transformer_dir`` is the diffusers ``transformer/`` folder; for GGUF it (or ``config``) only provides the config
-    and may be ``None`` (the config is then derived from the GGUF tensors).
+    ``parts`` is what a model source resolved to (:mod:`dsd_core.sources`): it loads its transformer with a
+    diffusers ``quantization_config`` (int8, int4, nf4; ``None`` for native and fp8), and for a config that brings
+    its own weights (a GGUF file) it provides only the transformer config (or ``None``: derived from the tensors).
     """
-    from ..transformer import DSDTransformer2DModel
-
-    if init_condition_embedder and cfg.transformer_weights not in ("native", "fp8"):
-        raise DSDError("init_condition_embedder (training from plain FLUX) works with native or fp8 weights only.")
-    if cfg.transformer_weights == "gguf":
+    if cfg.transformer_file is not None:  # the GGUF quant replaces the source's transformer weights
         from .gguf import load_gguf_transformer
 
-        model = load_gguf_transformer(cfg.gguf_file, dtype=dtype, config=config or transformer_dir)
-    else:
-        qc = quantization_config(cfg, dtype, device, transformer_dir)
-        extra = {"quantization_config": qc} if qc is not None else {}
-        model = DSDTransformer2DModel.from_pretrained(transformer_dir, dtype=dtype,
-                                                      init_condition_embedder=init_condition_embedder, **extra)
-    return model  # a quantizer may have replaced x_embedder: DSDTransformer2DModel re-attaches its hook itself
+        return load_gguf_transformer(cfg.transformer_file, dtype=dtype, config=parts.transformer_config)
+    qc = quantization_config(cfg, dtype, device, parts.transformer_config)
+    return parts.load_transformer(dtype, qc)  # a quantizer may replace x_embedder: the model re-attaches its hook
 
 
 def cast_fp8(module: torch.nn.Module, compute_dtype: torch.dtype, keep: tuple[str, ...],
@@ -184,7 +176,8 @@ def fuse_lora(pipe) -> bool:
 
 # ---------------------------------------------------------------------------------------------- whole pipeline
 def apply_memory(pipe, cfg: MemoryConfig, device, allow_cpu_offload: bool = False) -> None:
-    """Apply ``cfg`` to a loaded pipeline (LoRA already loaded) and place it on ``device``.
+    """Apply ``cfg`` to a loaded pipeline (LoRA already loaded), place it on ``device``, and install its per-call
+    part as the pipeline's ``"memory"`` hook (:class:`MemoryHook`).
 
     On the CPU, offload has nothing to save and is skipped with a warning unless ``allow_cpu_offload`` (tests use it
     to run the offload hooks on the CPU).
@@ -199,26 +192,27 @@ def apply_memory(pipe, cfg: MemoryConfig, device, allow_cpu_offload: bool = Fals
             encoder = getattr(pipe, name, None)
             if encoder is not None:
                 cast_fp8(encoder, encoder.dtype, FP8_KEEP_TEXT, FP8_TEXT_UNITS)
-    place(pipe, cfg, device, allow_cpu_offload)
-    pipe.release_text_encoders = cfg.release_text_encoders
-    pipe.memory_config = cfg
+    offload = place(pipe, cfg, device, allow_cpu_offload)
+    hook = MemoryHook(cfg.release_text_encoders, model_offload=offload == "model")
+    pipe.set_call_hook("memory", hook if hook.active else None)
 
 
-def place(pipe, cfg: MemoryConfig, device, allow_cpu_offload: bool = False) -> None:
-    """Move the pipeline to ``device`` or install the offload of ``cfg``."""
+def place(pipe, cfg: MemoryConfig, device, allow_cpu_offload: bool = False) -> str:
+    """Move the pipeline to ``device`` or install the offload of ``cfg``; returns the offload mode installed."""
     offload = cfg.offload
     if offload == "none":
         pipe.to(device)
-        return
+        return "none"
     if str(device).startswith("cpu") and not allow_cpu_offload:
         logger.warning("offload=%r has no effect on the CPU; running without offload.", offload)
-        return
+        return "none"
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         group_offload(pipe, device, cfg.group_offload_blocks, cfg.group_offload_streams)
+    return offload
 
 
 def group_offload(pipe, device, blocks_per_group: int = 1, streams: bool | None = None) -> None:
@@ -239,14 +233,53 @@ def group_offload(pipe, device, blocks_per_group: int = 1, streams: bool | None 
             apply_group_offloading(module, offload_type="leaf_level", **common)
 
 
-# ---------------------------------------------------------------------------------------------- text encoders
-def release_text_encoders(pipe) -> None:
-    """Drop the text encoders (device and host memory). Encoded prompts stay cached on the pipeline."""
-    for name in ("text_encoder", "text_encoder_2"):
-        if getattr(pipe, name, None) is not None:
-            setattr(pipe, name, None)
-    if getattr(pipe, "_all_hooks", None):  # model offload: rebuild the hook chain, whose hooks hold the encoders
-        pipe.enable_model_cpu_offload(device=pipe._offload_device)
+# ---------------------------------------------------------------------------------------------- per call
+class MemoryHook(CallHook):
+    """The per-call part of a memory config.
+
+    * ``release_text_encoders``: encoded prompts are kept; before the first denoising loop the prompts of the call
+      (the negative one too, for later true-guidance runs) are encoded and the text encoders freed. A new prompt
+      afterwards is an error that says to load again.
+    * ``model_offload``: before the loop every component goes back to the CPU (diffusers'
+      ``maybe_free_model_hooks``), so only the transformer is on the GPU while denoising (the offload chain would
+      keep the VAE there).
+    """
+
+    def __init__(self, release_text_encoders: bool = False, model_offload: bool = False):
+        self.release_text_encoders = release_text_encoders
+        self.model_offload = model_offload
+        self.released = False
+        self._encoded: dict[tuple, tuple] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.release_text_encoders or self.model_offload
+
+    def encode(self, key, compute):
+        if not self.release_text_encoders:
+            return compute()
+        if key not in self._encoded:
+            if self.released:
+                raise released_error(key[0])
+            self._encoded[key] = compute()
+        return self._encoded[key]
+
+    def before_denoising(self, pipe, prompts, encode):
+        if self.release_text_encoders and not self.released:
+            for prompt in prompts:
+                encode(prompt)
+            release_text_encoders(pipe, self.model_offload)
+            self.released = True
+        elif self.model_offload:
+            pipe.maybe_free_model_hooks()
+
+
+def release_text_encoders(pipe, model_offload: bool = False) -> None:
+    """Drop the text encoders (device and host memory); under model offload the hook chain, which holds them, is
+    rebuilt without them (and every component sent to the CPU)."""
+    pipe.register_modules(text_encoder=None, text_encoder_2=None)
+    if model_offload:
+        pipe.maybe_free_model_hooks()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -256,28 +289,3 @@ def release_text_encoders(pipe) -> None:
 def released_error(prompt: str) -> InputError:
     return InputError(f"the text encoders were released after the first prompt (release_text_encoders), so the new "
                       f"prompt {prompt[:40]!r} cannot be encoded; load the pipeline again, or keep the encoders.")
-
-
-# ---------------------------------------------------------------------------------------------- files
-def resolve_gguf_parts(model, transformer, lora, token=None, local_files_only: bool = False):
-    """(transformer config folder or None, LoRA file or None) for a GGUF transformer.
-
-    Like :func:`dsd_core.loading.resolve_model`, but the 24 GB ``transformer/`` folder is never required or
-    downloaded: a local ``transformer/`` (or ``transformer=``) only supplies ``config.json`` when present, and from a
-    repo id only the LoRA file and ``transformer/config.json`` are fetched.
-    """
-    import os
-
-    from ..loading import LORA_FILENAME, TRANSFORMER_DIR, _looks_like_repo_id, download, resolve_lora
-
-    folder = None
-    if model is not None and (lora is None or lora is True or transformer is None):
-        model = os.path.expanduser(os.fspath(model))
-        folder = download(model, [LORA_FILENAME, f"{TRANSFORMER_DIR}/config.json"], "the DSD LoRA", token,
-                          local_files_only) if _looks_like_repo_id(model) else model
-    config_dir = transformer
-    if config_dir is None and folder is not None and os.path.isdir(os.path.join(folder, TRANSFORMER_DIR)):
-        config_dir = os.path.join(folder, TRANSFORMER_DIR)
-    if config_dir is not None and not os.path.isfile(os.path.join(os.fspath(config_dir), "config.json")):
-        config_dir = None
-    return config_dir, resolve_lora(lora, folder)

@@ -21,8 +21,8 @@ TRANSFORMER_WEIGHTS = ("native", "fp8", "int8", "int4", "nf4", "gguf")
 TEXT_ENCODER_WEIGHTS = ("native", "fp8")
 #: Where weights live between uses.
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
-#: Formats whose output can differ from the reference by more than float rounding.
-LOSSY_WEIGHTS = ("fp8", "int8", "int4", "nf4", "gguf")
+#: Transformer formats made by quantizing while loading a diffusers ``transformer/`` folder.
+QUANTIZED_ON_LOAD = ("int8", "int4", "nf4")
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,21 @@ class MemoryConfig:
         values.setdefault("preset", key)
         return cls(**values)
 
+    @classmethod
+    def from_name(cls, name: str) -> "MemoryConfig":
+        """The preset ``name``: what a UI widget or a CLI flag holds (one-line error naming the presets)."""
+        return cls.from_preset(name)
+
+    @property
+    def transformer_file(self) -> str | None:
+        """The file that brings its own transformer weights (the GGUF quant), replacing the source's; else None."""
+        return self.gguf_file if self.transformer_weights == "gguf" else None
+
+    @property
+    def quantizes_on_load(self) -> bool:
+        """Whether the transformer is quantized while loading a diffusers folder (int8, int4, nf4)."""
+        return self.transformer_weights in QUANTIZED_ON_LOAD
+
     @property
     def exact(self) -> bool:
         """True if the output equals the no-savings output (only placement changes, which is exact)."""
@@ -144,39 +159,23 @@ PRESETS: dict[str, Preset] = {
     "12gb": Preset({"transformer_weights": "fp8", "fuse_lora": True, "offload": "model"},
                    "fp8 transformer weights with the LoRA fused in before casting, model offload"),
     "8gb": Preset({"transformer_weights": "nf4", "text_encoder_weights": "fp8", "offload": "model"},
-                  "4-bit NF4 transformer (CUDA + bitsandbytes; or a GGUF quant via gguf_file=...), fp8 text "
+                  "4-bit NF4 transformer (CUDA + bitsandbytes; or a GGUF quant of the transformer instead), fp8 text "
                   "encoders, model offload"),
     "lowest": Preset({"offload": "group"},
                      "bf16 weights streamed block by block (group offload, CUDA streams); least VRAM, slowest"),
 }
 
 
-def resolve_memory(memory=None, offload: str | None = None) -> MemoryConfig:
-    """A :class:`MemoryConfig` from a preset name, a config, a dict of switches, or ``None`` (no savings).
-
-    ``offload`` is :func:`dsd_core.loading.load_pipeline`'s older argument; it may be combined with ``memory=None``
-    only (``"none"`` counts as not given).
-    """
+def check_memory(memory) -> MemoryConfig:
+    """``memory`` itself if it is a :class:`MemoryConfig`, ``MemoryConfig()`` (no savings) for ``None``; anything
+    else is a one-line error that shows how to make one."""
     if memory is None:
-        return MemoryConfig(offload=offload or "none")
-    if offload not in (None, "none"):
-        raise DSDError(f"offload={offload!r} and memory={memory!r} were both given; set the offload mode in one place "
-                       "(e.g. memory=MemoryConfig(offload=...)).")
+        return MemoryConfig()
     if isinstance(memory, MemoryConfig):
         return memory
-    if isinstance(memory, str):
-        return MemoryConfig.from_preset(memory)
-    if isinstance(memory, dict):
-        settings = dict(memory)
-        preset = settings.pop("preset", None)
-        if preset:
-            return MemoryConfig.from_preset(preset, **settings)
-        try:
-            return MemoryConfig(**settings)
-        except TypeError as e:
-            raise DSDError(f"invalid memory settings {memory!r}: {e}") from None
-    raise DSDError(f"memory must be a preset name ({', '.join(PRESETS)}), a MemoryConfig or a dict, got "
-                   f"{type(memory).__name__}.")
+    hint = f"MemoryConfig.from_preset({memory!r})" if isinstance(memory, str) else "MemoryConfig(...)"
+    raise DSDError(f"memory must be a dsd_core.memory.MemoryConfig or None, got {type(memory).__name__} "
+                   f"{memory!r}; use {hint} (presets: {', '.join(PRESETS)}).")
 
 
 def _check_choice(name: str, value, choices) -> None:

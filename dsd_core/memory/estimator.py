@@ -1,6 +1,8 @@
 """The memory model of full-size DSD: resident weights per component and storage format, activations, peak VRAM per
-memory preset, host RAM and PCIe traffic. Built on the meta device from the shipped configs (``dsd_core/configs``),
-so it needs no weights and runs in a fraction of a second.
+memory preset, host RAM and PCIe traffic. The parameter counts of each component come from building it on the meta
+device from the shipped configs (``dsd_core/configs``; no weights needed); they are shipped as
+``dsd_core/configs/component_sizes.json`` (checked against a fresh meta build by the tests), so the estimates import
+neither torch nor diffusers and take milliseconds.
 
 Peak VRAM of a run = the largest of its phases, plus the CUDA context::
 
@@ -37,14 +39,14 @@ scales (bytes per block / weights per block). Our ``fp8`` mode keeps a few small
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 import re
 from dataclasses import dataclass, field
 
-import torch
-
-from .config import PRESETS, MemoryConfig, resolve_memory
+from .config import PRESETS, MemoryConfig, check_memory
 
 GIB = 2**30
 #: CUDA context + cuBLAS workspace, not counted by ``torch.cuda.max_memory_allocated`` (typically 0.3-0.6 GiB).
@@ -125,6 +127,8 @@ def _block_lists(name: str, model) -> list:
 
 
 def _measure(name: str, model, fp8_keep: tuple[str, ...]) -> ComponentSize:
+    import torch
+
     from .apply import is_kept
 
     params = sum(p.numel() for p in model.parameters())
@@ -149,6 +153,7 @@ def _config(name: str) -> dict:
 @functools.lru_cache(maxsize=1)
 def full_size_models() -> dict:
     """The full-size transformer, T5-XXL encoder, CLIP-L text model and FLUX VAE on the meta device."""
+    import torch
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -164,9 +169,14 @@ def full_size_models() -> dict:
         }
 
 
-@functools.lru_cache(maxsize=1)
-def component_sizes() -> dict[str, ComponentSize]:
-    """:class:`ComponentSize` of the transformer, T5-XXL, CLIP-L and the VAE (full size)."""
+#: The shipped :func:`measure_component_sizes` (regenerate with :func:`write_component_sizes` when a config or the
+#: fp8 keep lists change; ``tests/test_memory_model.py`` checks it).
+SIZES_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                          "component_sizes.json")
+
+
+def measure_component_sizes() -> dict[str, ComponentSize]:
+    """:class:`ComponentSize` of the full-size transformer, T5-XXL, CLIP-L and VAE, measured on the meta device."""
     from .apply import FP8_KEEP_TEXT, FP8_KEEP_TRANSFORMER
 
     models = full_size_models()
@@ -174,8 +184,27 @@ def component_sizes() -> dict[str, ComponentSize]:
             for name, m in models.items()}
 
 
+def write_component_sizes(path: str = SIZES_FILE) -> str:
+    sizes = {name: dataclasses.asdict(s) for name, s in measure_component_sizes().items()}
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(sizes, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def component_sizes() -> dict[str, ComponentSize]:
+    """:class:`ComponentSize` of the transformer, T5-XXL, CLIP-L and the VAE (full size), from the shipped file."""
+    with open(SIZES_FILE, encoding="utf-8") as f:
+        return {name: ComponentSize(**values) for name, values in json.load(f).items()}
+
+
 def lora_params(rank: int, targets=ATTENTION_TARGETS) -> int:
     """Parameters of a rank-``rank`` LoRA on the full-size transformer's ``targets`` (attention projections)."""
+    import torch
+
     model = full_size_models()["transformer"]
     total = 0
     for name, m in model.named_modules():
@@ -244,8 +273,8 @@ def estimate(memory=None, *, height: int = 512, width: int = 1024, num_images: i
              attention: str = "sdpa", gguf_type: str = DEFAULT_GGUF_TYPE,
              lora_bytes: float = DSD_LORA_FILE_BYTES) -> MemoryEstimate:
     """Estimate VRAM, host RAM and transfers of full-size DSD on a CUDA GPU, bf16 compute, for ``memory``
-    (preset name, :class:`MemoryConfig`, dict or ``None``). See the module docstring for the formulas."""
-    cfg = resolve_memory(memory)
+    (a :class:`MemoryConfig`, or ``None``: no savings). See the module docstring for the formulas."""
+    cfg = check_memory(memory)
     sizes = component_sizes()
     tr, t5, clip, vae = (sizes[k] for k in ("transformer", "t5", "clip", "vae"))
     bytes_per = 2  # bf16 compute
@@ -345,7 +374,7 @@ def preset_table(presets=None, **kwargs) -> str:
     rows = ["| preset | transformer weights | offload | est. peak VRAM | host RAM | host->GPU per image | speed cost "
             "| files needed |", "|---|---|---|---|---|---|---|---|"]
     for name in names:
-        cfg = resolve_memory(name) if isinstance(name, str) else name
+        cfg = MemoryConfig.from_preset(name) if isinstance(name, str) else check_memory(name)
         e = estimate(cfg, **kwargs)
         label = cfg.preset or "custom"
         weights = e.formats["transformer"] + (" + LoRA fused" if cfg.fuse_lora else "")

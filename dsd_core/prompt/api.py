@@ -7,14 +7,13 @@ import os
 
 from PIL import Image
 
+from ..options import ENHANCE_BACKENDS as BACKENDS
 from .base import INSTRUCTIONS_VERSION, EnhanceError, EnhanceResult
 from .cache import PromptCache, image_digest, make_key
 from .gemini import GeminiEnhancer
 from .local import LocalVLMEnhancer
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("gemini", "local", "none")
 
 _GEMINI_OPTIONS = {"backoff", "max_backoff", "base_url", "key_file"}
 _LOCAL_OPTIONS = {"max_new_tokens", "device", "dtype", "keep_loaded"}

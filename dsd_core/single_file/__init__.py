@@ -2,17 +2,19 @@
 
 ::
 
-    from dsd_core.single_file import load_pipeline_from_files
+    from dsd_core import load_pipeline
+    from dsd_core.sources import FilesSource
 
-    pipe = load_pipeline_from_files(
+    pipe = load_pipeline(source=FilesSource(
         "models/diffusion_models/dsd_transformer.safetensors",   # diffusers or BFL/ComfyUI layout, bf16 or fp8
         "models/text_encoders/clip_l.safetensors",
         "models/text_encoders/t5xxl_fp16.safetensors",           # or t5xxl_fp8_e4m3fn(_scaled).safetensors
         "models/vae/ae.safetensors",
         lora="models/loras/dsd_lora.safetensors",
-        dtype="bfloat16", device="cuda",
-        tokenizer_dirs="/path/to/ComfyUI",                       # or {"clip": DIR, "t5": DIR}
-    )
+        tokenizers="/path/to/ComfyUI",                           # or {"clip": DIR, "t5": DIR}
+    ), dtype="bfloat16", device="cuda")
+
+This package holds the file readers and converters; :class:`dsd_core.sources.FilesSource` uses them.
 
 * configs: the shipped full-size JSON in ``dsd_core/configs/`` when the tensor shapes are the real models', otherwise
   derived from the shapes (tiny test models); ``configs=`` overrides either;
@@ -32,8 +34,9 @@ from __future__ import annotations
 import logging
 
 from ..errors import DSDError, ModelFormatError
+from ..options import parse_dtype
 from .checkpoint import Checkpoint, check_file, describe_keys
-from .configs import CONFIG_DIR, as_dtype, shipped_config
+from .configs import CONFIG_DIR, shipped_config
 from .text_encoders import CLIP_HINT, CLIP_WHAT, T5_HINT, T5_WHAT, load_clip_file, load_t5_file
 from .tokenizers import comfy_tokenizer_dirs, load_tokenizers, resolve_tokenizer_dirs
 from .transformer import HINT as TRANSFORMER_HINT
@@ -46,9 +49,10 @@ from .vae import load_vae_file
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CONFIG_DIR", "Checkpoint", "bfl_to_diffusers", "comfy_tokenizer_dirs", "describe_keys", "load_clip_file",
-    "load_components_from_files", "load_dsd_transformer_file", "load_pipeline_from_files", "load_t5_file",
-    "load_tokenizers", "load_vae_file", "make_scheduler", "resolve_tokenizer_dirs", "shipped_config",
+    "CONFIG_DIR", "Checkpoint", "TRANSFORMER_HINT", "TRANSFORMER_WHAT", "bfl_to_diffusers", "check_file", "check_fit",
+    "comfy_tokenizer_dirs", "describe_keys", "load_clip_file", "load_components_from_files",
+    "load_dsd_transformer_file", "load_t5_file", "load_tokenizers", "load_vae_file", "make_scheduler",
+    "resolve_tokenizer_dirs", "shipped_config",
 ]
 
 _CONFIG_KEYS = ("clip", "t5", "vae")
@@ -67,7 +71,7 @@ def _check_vocab(tokenizer, model, tokenizer_dir: str, path: str, name: str) -> 
                                f"only {model.config.vocab_size}; the tokenizer does not belong to this text encoder.")
 
 
-def _check_fit(transformer, components: dict, transformer_path: str, clip_l: str, t5xxl: str) -> None:
+def check_fit(transformer, components: dict, transformer_path: str, clip_l: str, t5xxl: str) -> None:
     """The text encoders must produce what the transformer reads (CLIP-L pooled 768, T5-XXL 4096 at full size)."""
     pooled, joint = transformer.config.pooled_projection_dim, transformer.config.joint_attention_dim
     clip_width = components["text_encoder"].config.hidden_size
@@ -96,7 +100,7 @@ def load_components_from_files(clip_l, t5xxl, vae, *, dtype, tokenizer_dirs=None
     Returns:
         ``dict(text_encoder, tokenizer, text_encoder_2, tokenizer_2, vae, scheduler)``.
     """
-    dtype = as_dtype(dtype)
+    dtype = parse_dtype(dtype)
     configs = dict(configs or {})
     unknown = set(configs) - set(_CONFIG_KEYS)
     if unknown:
@@ -113,71 +117,3 @@ def load_components_from_files(clip_l, t5xxl, vae, *, dtype, tokenizer_dirs=None
     return dict(text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                 tokenizer_2=tokenizer_2, vae=load_vae_file(vae, dtype=dtype, config=configs.get("vae")),
                 scheduler=make_scheduler())
-
-
-def load_pipeline_from_files(transformer, clip_l, t5xxl, vae, lora=None, *, dtype=None, device=None,
-                             tokenizer_dirs=None, comfy_root=None, configs=None, transformer_config=None,
-                             offload: str | None = None, memory=None, speed=None, search_tokenizers: bool = True):
-    """A ready :class:`~dsd_core.DSDPipeline` from single files: DSD transformer, CLIP-L, T5-XXL, VAE (+ LoRA).
-
-    Args:
-        transformer: the DSD transformer, one safetensors file (:func:`load_dsd_transformer_file`), or a GGUF quant
-            of it (``.gguf``; :func:`dsd_core.memory.load_gguf_transformer`).
-        clip_l, t5xxl, vae, tokenizer_dirs, comfy_root, configs: as in :func:`load_components_from_files`.
-        lora: the DSD LoRA (``.safetensors``), loaded unfused with ``pipe.load_dsd_lora``; None for none.
-        dtype: default bfloat16 on accelerators, float32 on CPU.
-        device: default the best available (cuda, mps, cpu).
-        transformer_config: overrides of the transformer config derived from its shapes.
-        offload, memory, speed: as :func:`dsd_core.loading.load_pipeline`. Weight formats that are chosen at load time
-            from a folder (int8, int4, nf4) are not available here; fp8 storage, LoRA fusing, offload and GGUF files
-            are.
-    """
-    import os
-
-    from ..loading import default_device, resolve_dtype
-    from ..memory.apply import apply_memory, check_available
-    from ..memory.config import resolve_memory
-    from ..pipeline import DSDPipeline
-    from ..speed import apply_speed, resolve_speed
-
-    from ..validation import check_device
-
-    check_device(device)
-    device = device or default_device()
-    dtype = resolve_dtype(None, device) if dtype is None else as_dtype(dtype)
-    gguf = str(transformer).lower().endswith(".gguf")
-    memory = resolve_memory(memory, offload)
-    if gguf and memory.transformer_weights not in ("native", "gguf"):
-        raise DSDError(f"{transformer} is a GGUF quant; it cannot also be stored as {memory.transformer_weights}. "
-                       "Pick a memory setting with native weights.")
-    if memory.transformer_weights in ("int8", "int4", "nf4"):
-        raise DSDError(f"{memory.transformer_weights} weights are made while loading a transformer folder; with "
-                       "single files use fp8, a GGUF quant, or the folder loader (dsd_core.load_pipeline).")
-    if gguf:
-        memory = memory.replace(transformer_weights="gguf", gguf_file=os.fspath(transformer))
-    speed = resolve_speed(speed)
-    check_available(memory, device)
-    if not gguf:
-        transformer = check_file(transformer, TRANSFORMER_WHAT, TRANSFORMER_HINT)
-    if lora is not None:
-        lora = check_file(lora, "DSD LoRA", "the DSD LoRA (pytorch_lora_weights.safetensors)")
-        if not gguf:  # the LoRA's header against the transformer file's, before anything loads
-            from ..validation import check_lora_for_transformer_file
-
-            check_lora_for_transformer_file(lora, transformer)
-    components = load_components_from_files(clip_l, t5xxl, vae, dtype=dtype, tokenizer_dirs=tokenizer_dirs,
-                                            comfy_root=comfy_root, configs=configs,
-                                            search_tokenizers=search_tokenizers)
-    if gguf:
-        from ..memory.gguf import load_gguf_transformer
-
-        dit = load_gguf_transformer(memory.gguf_file, dtype=dtype, config=transformer_config)
-    else:
-        dit = load_dsd_transformer_file(transformer, dtype=dtype, config=transformer_config)
-    _check_fit(dit, components, transformer, clip_l, t5xxl)
-    pipe = DSDPipeline(transformer=dit, **components)
-    if lora is not None:
-        pipe.load_dsd_lora(lora)
-    apply_memory(pipe, memory, device)
-    apply_speed(pipe, speed)
-    return pipe

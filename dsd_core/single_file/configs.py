@@ -1,11 +1,9 @@
-"""The shipped full-size configs (``dsd_core/configs/*.json``) and dtype parsing."""
+"""The shipped full-size configs (``dsd_core/configs/*.json``)."""
 
 from __future__ import annotations
 
 import json
 import os
-
-import torch
 
 from ..errors import DSDError
 
@@ -18,8 +16,6 @@ CONFIG_FILES = {
     "scheduler": "flux_dev_scheduler.json",
     "transformer": "dsd_transformer.json",
 }
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 
 
 def shipped_config(name: str) -> dict:
@@ -42,11 +38,3 @@ def read_config(config) -> dict:
         raise DSDError(f"config {path} does not exist; pass a dict, a config.json file or its folder.")
     with open(path, encoding="utf-8") as f:
         return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-
-
-def as_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.lower().removeprefix("torch.")]
-    raise DSDError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32.")

