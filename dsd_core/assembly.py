@@ -56,7 +56,10 @@ def build_pipeline(source, memory=None, speed=None, device: str | None = None, d
     from .memory.config import check_memory
     from .speed import apply_speed, check_speed
 
+    from .validation import check_device
+
     memory, speed = check_memory(memory), check_speed(speed)
+    check_device(device)  # a missing CUDA/MPS is one line, before anything is read
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     memory = source.memory(memory)

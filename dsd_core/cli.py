@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return args._run(args)
-    except (DSDError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # one `error:` line (DSDError, or translated when known); the traceback only with -v
+        from .error_report import report
+
+        return report(e, args.verbose)

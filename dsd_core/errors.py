@@ -19,3 +19,11 @@ class InputError(DSDError, ValueError):
 
 class GenerationCancelled(DSDError):
     """Raised when a step callback asks to stop."""
+
+
+class NonFiniteError(DSDError):
+    """NaN or infinity appeared while sampling; the run stops instead of returning a black image."""
+
+
+class ConcurrentUseError(DSDError):
+    """A pipeline was called again from inside its own call (pipelines are not re-entrant)."""

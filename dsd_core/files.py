@@ -1,6 +1,7 @@
 """Writing files: atomically (temp file in the same folder, then ``os.replace``) and with the user's umask.
 
-Every file the package writes for the user goes through here: PNGs, safetensors, caches, model folders. Two traps
+Every file the package writes for the user goes through here: PNGs, safetensors, caches, model folders. A writer
+killed between writing and renaming leaves a hidden temp file; the next write into that folder removes it. Two traps
 this module exists for: ``tempfile.mkstemp`` creates files 0600 and ``TemporaryDirectory`` folders 0700 whatever
 the umask, and ``safetensors.torch.save_file`` creates 0600 files too; either makes outputs unreadable to a ComfyUI
 (or web server) running as another user. Here temp files are created with ``os.open(..., 0o666)`` so the kernel
@@ -39,9 +40,54 @@ def dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+#: Hidden temp files are named ``.tmp-dsd-<pid>-<random>-<name>``: the writer's pid tells a killed writer's leftovers
+#: (``kill -9`` between writing and renaming) from a live one's.
+TEMP_PREFIX = ".tmp-dsd-"
+
+
+def temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}-"
+
+
 def _temp_name(path: str) -> str:
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".tmp-{secrets.token_hex(6)}-{name}")
+    return os.path.join(folder, f"{temp_prefix()}{secrets.token_hex(6)}-{name}")
+
+
+def remove_stale_temp_files(folder: str, min_age_s: float = 60.0) -> int:
+    """Remove temp files left in ``folder`` by a writer that was killed before its rename: files named like
+    :func:`temp_prefix` whose process no longer exists and that are older than ``min_age_s``. Returns the count."""
+    import time
+
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        pid = name[len(TEMP_PREFIX):].split("-", 1)[0] if name.startswith(TEMP_PREFIX) else ""
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if time.time() - os.path.getmtime(path) >= min_age_s:
+                os.remove(path)
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -52,7 +98,9 @@ def atomic_path(path: str):
     umask's mode first and its mode is re-applied before the rename, so whatever the writer does, ``path`` ends up
     with the mode a plain ``open(path, "w")`` gives. On error the temp file is removed and ``path`` is untouched.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temp_files(folder)
     tmp = _temp_name(path)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:

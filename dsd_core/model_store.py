@@ -61,7 +61,11 @@ def list_base_models(roots: Iterable[str]) -> list[str]:
 
 
 def find_folder(name: str, roots: Iterable[str]) -> str | None:
-    """The first ``root/name`` that exists, or None."""
+    """The first ``root/name`` that exists, or None; a ``name`` that would leave the roots (``..``, absolute) is an
+    :class:`~dsd_core.errors.InputError`."""
+    from .validation import check_model_name
+
+    name = check_model_name(name)
     for root in roots:
         path = os.path.join(root, name)
         if os.path.isdir(path):

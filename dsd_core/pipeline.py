@@ -41,6 +41,7 @@ from .errors import GenerationCancelled, InputError
 from .guidance import TrueGuidance, combine
 from .hooks import CallHook
 from .image import prepare_reference
+from .numerics import check_finite, check_step, serialized
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +116,12 @@ class DSDPipeline(FluxPipeline):
     def load_dsd_lora(self, path: str, adapter_name: str = "dsd") -> None:
         """Load a LoRA (``.safetensors``) as a PEFT adapter, unfused, like the reference (diffusers'
         ``load_lora_weights``: the transformer, and the text encoders if the file carries weights for them)."""
-        from safetensors import safe_open
+        from .validation import check_lora_file
 
         if not str(path).endswith(".safetensors"):
             raise InputError(f"{path} is not a .safetensors file; only safetensors LoRAs are loaded (never pickle).")
-        with safe_open(str(path), framework="pt") as f:  # the header only
-            if not any("lora" in k for k in f.keys()):
-                raise InputError(f"{path} holds no LoRA weights (no key contains 'lora'); pass a LoRA file.")
+        # the header only: a valid file, LoRA weights, target layers and shapes that fit this transformer
+        check_lora_file(path, self.transformer.config)
         self.load_lora_weights(str(path), adapter_name=adapter_name, low_cpu_mem_usage=True)
 
     # ------------------------------------------------------------------ per-call hooks
@@ -233,6 +233,7 @@ class DSDPipeline(FluxPipeline):
             )
 
     # ------------------------------------------------------------------ call
+    @serialized  # one generation at a time per pipeline (dsd_core.numerics)
     @torch.no_grad()
     def __call__(
         self,
@@ -298,6 +299,15 @@ class DSDPipeline(FluxPipeline):
             GenerationCancelled: when ``pipe._interrupt`` is set during the run.
         """
         # 1. Check the inputs; fix the seeds, generators and the true-guidance schedule
+        from .validation import check_generation, check_reference
+
+        check_generation(prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+                         text_guidance_scale=text_guidance_scale, true_guidance_start_step=true_guidance_start_step,
+                         true_guidance_end_step=true_guidance_end_step, seed=seed,
+                         num_images_per_prompt=num_images_per_prompt, lora_scale=lora_scale,
+                         negative_prompt=negative_prompt)
+        check_reference(image)
         self.check_dsd_inputs(height, width, num_inference_steps, condition_sampling, num_images_per_prompt)
         self._check_callback_inputs(callback_on_step_end_tensor_inputs)
         n = num_images_per_prompt
@@ -317,6 +327,7 @@ class DSDPipeline(FluxPipeline):
         # 3. Condition latents from the 1x2 canvas
         reference = self._reference_tensor(image, height, width // 2, fit_mode)
         cond = self.prepare_condition(reference, seeds, condition_sampling, cond_gens, device, dtype)
+        check_finite(cond, "condition")
 
         # 4. Initial noise, position ids and timesteps
         latents = self.prepare_noise(seeds, height, width, noise_gens, device, dtype)
@@ -367,6 +378,7 @@ class DSDPipeline(FluxPipeline):
                 self._current_timestep = t
                 noise_pred = self.guided_velocity(i, latents, t.expand(inputs.batch).to(latents.dtype), inputs)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                check_step(latents, noise_pred, i, total)
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": inputs.prompt_embeds}
                     out = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_tensor_inputs})
@@ -418,6 +430,7 @@ class DSDPipeline(FluxPipeline):
             self.maybe_free_model_hooks()
             return DSDPipelineOutput(images=latents, seeds=seeds, prompt=prompt) if return_dict else (latents,)
         panels = self.decode(latents, height, width)
+        check_finite(panels, "decoded")
         panels = self.image_processor.postprocess(panels, output_type="pt")  # (x/2+.5).clamp in dtype, then float
         references, images = cv.split_canvas(panels)
         images, references, panels = (self._convert(x, output_type) for x in (images, references, panels))

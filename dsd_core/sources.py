@@ -317,6 +317,9 @@ class FolderSource:
 
     def resolve(self, memory) -> Parts:
         """Find (or download) the base and the DSD model; every problem is reported at once."""
+        from .validation import check_load_arguments, check_model_files
+
+        check_load_arguments(self.base, self.model, self.transformer, self.lora)
         weights = memory.transformer_file is None
         problems: list[DSDError] = []
         transformer_dir = lora = base_dir = None
@@ -330,6 +333,8 @@ class FolderSource:
         except DSDError as e:
             problems.append(e)
         raise_all(problems)
+        check_model_files(transformer_dir if weights else None, lora, base_dir,
+                          self.init_condition_embedder)  # headers vs configs, before any weights load
         return Parts(transformer_config=transformer_dir, lora=lora,
                      components=lambda dtype: _base_components(base_dir, dtype),
                      transformer=(lambda dtype, qc: _folder_transformer(transformer_dir, dtype, qc,
@@ -341,7 +346,8 @@ def _base_components(base_dir: str, dtype) -> dict:
     from diffusers import FluxPipeline
 
     try:
-        pipe = FluxPipeline.from_pretrained(base_dir, transformer=None, dtype=dtype, local_files_only=True)
+        pipe = FluxPipeline.from_pretrained(base_dir, transformer=None, dtype=dtype, local_files_only=True,
+                                            use_safetensors=True)  # never a pickle (.bin) fallback
     except (OSError, ValueError, KeyError) as e:
         raise ModelFormatError(f"could not load the FLUX base from {base_dir}: {e}") from e
     return {k: v for k, v in pipe.components.items() if k not in ("transformer", "image_encoder", "feature_extractor")}
@@ -405,6 +411,10 @@ class FilesSource:
             self.transformer, TRANSFORMER_WHAT, TRANSFORMER_HINT)
         lora = None if self.lora is None else check_file(self.lora, "DSD LoRA",
                                                          "the DSD LoRA (pytorch_lora_weights.safetensors)")
+        if lora is not None and transformer is not None:  # the LoRA's header against the transformer file's
+            from .validation import check_lora_for_transformer_file
+
+            check_lora_for_transformer_file(lora, transformer)
         return Parts(transformer_config=self.transformer_config, lora=lora, components=self._components,
                      transformer=(lambda dtype, qc: _file_transformer(transformer, dtype, self.transformer_config))
                      if transformer is not None else None,

@@ -5,6 +5,7 @@ Outside ComfyUI (unit tests, scripts) each helper degrades to a neutral default.
 
 from __future__ import annotations
 
+import functools
 import os
 
 DSD_FOLDER = "dsd"  # models/dsd/<name>/ holds transformer/ + pytorch_lora_weights.safetensors
@@ -62,7 +63,13 @@ def filenames_with_extension(name: str, extension: str) -> list[str]:
 
 
 def full_path(name: str, filename: str) -> str | None:
-    """The full path of a model file, or None (``get_full_path_or_raise`` is missing in older ComfyUI)."""
+    """The full path of a model file, or None (``get_full_path_or_raise`` is missing in older ComfyUI).
+
+    A ``filename`` that would leave the model folders (``..``, absolute) is refused (a workflow posted to the API
+    must not load arbitrary files)."""
+    from dsd_core.validation import check_model_name
+
+    filename = check_model_name(filename, f"{name} file name")
     try:
         import folder_paths
 
@@ -189,3 +196,18 @@ def raise_interrupted() -> None:
 
         raise TrainingCancelled("training cancelled; a checkpoint was saved") from None
     raise mm.InterruptProcessingException()
+def user_errors(method):
+    """Node methods raise the package's one-line errors: common low-level exceptions (damaged files, full disks,
+    out of memory, mismatched LoRAs) are translated by :func:`dsd_core.error_report.translate`; ComfyUI shows the
+    message as it is. Anything else (including ComfyUI's interrupt) passes through unchanged."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except Exception as e:
+            from dsd_core.error_report import reraise_translated
+
+            reraise_translated(e)
+
+    return wrapper

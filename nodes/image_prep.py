@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from . import _comfy
+
 logger = logging.getLogger(__name__)
 PAD_COLORS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 
@@ -34,6 +36,7 @@ class DSDImagePrep:
             "pad_color": (list(PAD_COLORS), {"default": "white", "tooltip": "Fill colour for fit = pad."}),
         }}
 
+    @_comfy.user_errors
     def prepare(self, image, fit, resample, panel_size, pad_color):
         from dsd_core.image import pil_to_tensor, prepare_reference, tensor_to_pil
         from dsd_core.inputs import check_panel_size, reference_notes

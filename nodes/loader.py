@@ -84,6 +84,7 @@ class DSDModelLoader:
                                                         "FLUX.1-dev parts) into models/dsd and models/diffusers."}),
         }}
 
+    @_comfy.user_errors
     def load(self, model, base, dtype, memory, speed, download_missing):
         from dsd_core.sources import FolderSource
 
@@ -156,6 +157,7 @@ class DSDFilesLoader:
             **_config_inputs(),
         }}
 
+    @_comfy.user_errors
     def load(self, transformer, lora, clip_l, t5xxl, vae, dtype, memory, speed):
         from dsd_core.model_store import find_folder
         from dsd_core.sources import FilesSource

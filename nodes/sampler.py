@@ -8,6 +8,10 @@ from . import _comfy
 
 logger = logging.getLogger(__name__)
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+#: pipeline argument -> this node's input name, for error messages.
+NODE_INPUTS = {"height": "panel_size", "width": "2 x panel_size", "num_inference_steps": "steps",
+               "guidance_scale": "guidance", "image_guidance_scale": "image_guidance",
+               "text_guidance_scale": "text_guidance", "num_images_per_prompt": "batch_size"}
 
 
 class DSDSampler:
@@ -59,14 +63,20 @@ class DSDSampler:
             },
         }
 
+    @_comfy.user_errors
     def sample(self, dsd_model, image, prompt, seed, steps, guidance, image_guidance, text_guidance, panel_size,
                batch_size, lora_scale, condition_sampling="sample", fit="center_crop"):
         from dsd_core.image import prepare_reference, tensor_to_pil
         from dsd_core.inputs import check_panel_size, prompt_token_counts, reference_notes
         from dsd_core.preview import latent_preview
+        from dsd_core.validation import check_generation
 
         _comfy.check_interrupt()
         check_panel_size(panel_size)
+        check_generation(prompt=prompt, height=panel_size, width=2 * panel_size, num_inference_steps=steps,
+                         guidance_scale=guidance, image_guidance_scale=image_guidance,
+                         text_guidance_scale=text_guidance, seed=seed, num_images_per_prompt=batch_size,
+                         lora_scale=lora_scale, names=NODE_INPUTS)  # before the model is (re)loaded
         if image.shape[0] > 1:
             logger.warning("DSD Sampler got %d reference images; using the first.", image.shape[0])
         source = tensor_to_pil(image[:1])[0]

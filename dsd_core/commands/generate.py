@@ -111,6 +111,8 @@ def add_parser(sub):
                    help="also save the model's reconstruction of the reference as OUT_reference.png")
     o.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
                    help="print only errors and the saved paths (same as -q before the command)")
+    o.add_argument("--record-paths", action="store_true",
+                   help="record the models' full local paths in the PNG (default: names and content fingerprints)")
     return p
 
 
@@ -167,6 +169,15 @@ def save_png(image, path: str, metadata: dict) -> None:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
+def model_records(args) -> dict:
+    """The model flags as recorded in the PNG: names + fingerprints, not local paths (:mod:`dsd_core.provenance`)."""
+    from ..provenance import model_record
+
+    return {k: model_record(v, args.record_paths) for k, v in dict(
+        base=args.base, model=args.model, transformer=args.transformer or args.transformer_file,
+        lora=args.lora).items()}
+
+
 def _quiet_progress() -> None:
     """No progress bars from the libraries that draw them (downloads, loading, checkpoint shards)."""
     import diffusers
@@ -180,7 +191,10 @@ def _quiet_progress() -> None:
 
 # ---------------------------------------------------------------------------------------------- run
 def run(args) -> int:
-    # 1. Flags -> typed settings, before anything heavy is loaded
+    # 1. Flags -> typed settings, before anything heavy is loaded; numbers, paths, device and canvas memory checked
+    from ..validation import check_generate_args
+
+    check_generate_args(args)
     memory, speed, source = memory_config(args), speed_config(args), model_source(args)
     dtype = options.parse_dtype(args.dtype)
     if args.offline:
@@ -232,8 +246,7 @@ def run(args) -> int:
         "text_guidance": args.text_guidance, "true_guidance_start": args.true_guidance_start,
         "height": args.height, "width": args.width, "condition_sampling": args.condition_sampling,
         "fit": args.fit, "resample": args.resample, "lora_scale": args.lora_scale, "no_lora": args.no_lora,
-        "dtype": str(pipe.transformer.dtype).replace("torch.", ""), "base": args.base, "model": args.model,
-        "transformer": args.transformer or args.transformer_file, "lora": args.lora,
+        "dtype": str(pipe.transformer.dtype).replace("torch.", ""), **model_records(args),
         "memory": memory.describe(), "fast": args.fast, "compile": args.compile,
         "versions": {"dsd_core": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__},
     }

@@ -327,6 +327,9 @@ class GeminiEnhancer:
         )
 
     def _open(self, key: _Secret | None, vertex: bool):
+        if key is not None and _plain_http(self.base_url):
+            logger.warning("the Gemini base URL %s is plain http:// to another machine: the API key travels "
+                           "unencrypted. Use https:// (or a proxy on localhost).", self.base_url)
         sdk = _sdk_available()
         if sdk is None:
             raise EnhanceError("the google-genai package is not installed (pip install google-genai)")
@@ -414,3 +417,13 @@ class GeminiEnhancer:
                 kept[0].close()
             except Exception:  # closing must never mask a result
                 pass
+
+
+def _plain_http(url: str | None) -> bool:
+    """True for an ``http://`` URL whose host is not this machine (where a key would cross a network unencrypted)."""
+    from urllib.parse import urlparse
+
+    if not url or not url.lower().startswith("http://"):
+        return False
+    host = (urlparse(url).hostname or "").lower()
+    return host not in ("localhost", "127.0.0.1", "::1") and not host.startswith("127.")
