@@ -115,12 +115,6 @@ class DSDApplyNative:
         return (m,)
 
 
-def is_dsd_model(model) -> bool:
-    """Whether DSD Apply patched this MODEL (its img_in has a padded diff)."""
-    return any(isinstance(p[1], tuple) and p[1][0] == "diff" and len(p[1][1]) > 1
-               for p in model.patches.get("diffusion_model.img_in.weight", ()))
-
-
 class DSDTextEncode:
     DESCRIPTION = ("Encodes a prompt with FLUX's CLIP-L + T5 like the DSD reference: the prompt is stripped and its "
                    "newlines deleted, and T5 is padded to 512 tokens (ComfyUI pads to 256; T5 runs unmasked, so the "
