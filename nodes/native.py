@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 #: ComfyUI's FLUX latent shift: a latent filled with it becomes exactly 0 after ``process_latent_in``.
 FLUX_SHIFT_FACTOR = 0.1159
 T5_REFERENCE_LENGTH = 512
-PATCH_FOLDERS = ("unet", "dsd")
-DEFAULT_PATCH = "dsd_c_embedder.safetensors"  # the DSD transformer in models/diffusion_models, a patch in models/dsd
+PATCH_FOLDERS = ("unet", "dsd")  # the DSD transformer in models/diffusion_models, a patch in models/dsd
+DEFAULT_PATCH = "dsd_c_embedder.safetensors"
 _C_EMBEDDERS: dict = {}  # (path, mtime, size) -> CEmbedder
 
 
@@ -91,15 +91,16 @@ class DSDApplyNative:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "A FLUX.1-dev model (UNETLoader, any weight dtype; GGUF loaders too)."}),
-            "c_embedder_file": (_choices(DEFAULT_PATCH, _patch_files()), {"default": DEFAULT_PATCH, "tooltip": "The DSD transformer (models/diffusion_models) or the "
-                                                            "c_embedder patch (models/dsd)."}),
+            "c_embedder_file": (_choices(DEFAULT_PATCH, _patch_files()), {
+                "default": DEFAULT_PATCH,
+                "tooltip": "The DSD transformer (models/diffusion_models) or the c_embedder patch (models/dsd)."}),
         }}
 
     def apply(self, model, c_embedder_file):
+        import comfy.model_base
+
         from dsd_core.errors import InputError
         from dsd_core.native import img_in_patch
-
-        import comfy.model_base
 
         inner = getattr(model.model, "diffusion_model", None)
         if not isinstance(model.model, comfy.model_base.Flux) or inner is None or not hasattr(inner, "img_in") \
@@ -113,12 +114,6 @@ class DSDApplyNative:
         m.add_patches({key: ("diff", (patch.weight, {"pad_weight": True})),
                        "diffusion_model.img_in.bias": ("diff", (patch.bias,))}, 1.0, 1.0)
         return (m,)
-
-
-def is_dsd_model(model) -> bool:
-    """Whether DSD Apply patched this MODEL (its img_in has a padded diff)."""
-    return any(isinstance(p[1], tuple) and p[1][0] == "diff" and len(p[1][1]) > 1
-               for p in model.patches.get("diffusion_model.img_in.weight", ()))
 
 
 class DSDTextEncode:

@@ -126,7 +126,7 @@ def core_image(engine, prompt: str, seed: int, image_guidance: float, text_guida
     return np.asarray(out.images, dtype=np.float32)
 
 
-@pytest.mark.parametrize("image_guidance,text_guidance", [(1.0, 1.0), (1.5, 1.0), (1.5, 2.0)])
+@pytest.mark.parametrize("image_guidance,text_guidance", [(1.0, 1.0), (1.5, 2.0)])  # (1.5, 1.0): next test
 def test_native_matches_dsd_core(engine, comfy, image_guidance, text_guidance):
     api = native_workflows()["dsd_native.json"]
     prompt_text = api[by_type(api, "DSDTextEncode")[0]]["inputs"]["prompt"]
@@ -136,6 +136,7 @@ def test_native_matches_dsd_core(engine, comfy, image_guidance, text_guidance):
     assert got.shape == want.shape == (1, PANEL, PANEL, 3)
     assert got.std() > 0.02, "blank image"
     diff = np.abs(got - want).max()
+    print(f"native vs dsd_core (s_i={image_guidance}, s_t={text_guidance}): max |diff| {diff:.3g}")
     assert diff <= TOLERANCE, f"native vs dsd_core: max |diff| {diff:.3g} > {TOLERANCE}"
 
 
@@ -147,7 +148,9 @@ def test_native_true_guidance_workflow_matches_dsd_core(engine, comfy):
     assert guider["image_guidance"] > 1.0
     got = run_tensor(engine, comfy, engine_prompt(api))
     want = core_image(engine, prompt_text, seed, guider["image_guidance"], guider["text_guidance"])
-    assert np.abs(got - want).max() <= TOLERANCE
+    diff = np.abs(got - want).max()
+    print(f"native vs dsd_core (true guidance workflow): max |diff| {diff:.3g}")
+    assert diff <= TOLERANCE
 
 
 def test_guider_gates(engine, comfy):

@@ -217,7 +217,10 @@ def test_free_memory_releases_the_model(engine, comfy):
     prompt["3"]["inputs"].update(steps=1, panel_size=256)
     assert_success(comfy.run(prompt, timeout=300))
     released = engine.log_text().count("released the DSD model")
-    assert comfy.free(unload_models=True, free_memory=True) == 200
+    # free_memory alone (it implies unload_models in ComfyUI's worker): the UI button posts both flags, and ComfyUI
+    # 0.3.75 sets them with two notifies; a worker that wakes between them handles unload_models only and then sleeps
+    # through the second notify, so the node cache is freed only with the next prompt (a race upstream, not ours)
+    assert comfy.free(unload_models=False, free_memory=True) == 200
     deadline = time.monotonic() + 30
     while engine.log_text().count("released the DSD model") <= released:
         assert time.monotonic() < deadline, "the DSD model was not released after POST /free"
