@@ -354,6 +354,16 @@ def test_two_processes_with_accelerate(tiny_model, pairs, tmp_path):
     assert os.path.isfile(os.path.join(out, "transformer", "c_embedder.safetensors"))
 
 
+def test_runs_with_other_precision_in_one_process(tiny_model, pairs, tmp_path):
+    """A second run in the same process (a ComfyUI session) may change accelerate's settings."""
+    first = Trainer(make_config(tiny_model, pairs, tmp_path, mixed_precision="no"), None)._make_accelerator(torch.float32)
+    assert first.mixed_precision == "no"
+    second = Trainer(make_config(tiny_model, pairs, tmp_path, mixed_precision="bf16"),
+                     None)._make_accelerator(torch.float32)
+    assert second.mixed_precision == "bf16"
+    Trainer(make_config(tiny_model, pairs, tmp_path), None)._make_accelerator(torch.float32)  # back to the default
+
+
 def test_batch_plan_shards_are_disjoint_and_deterministic():
     plans = [BatchPlan(10, 2, 2, rank, seed=3) for rank in range(2)]
     for m in range(6):

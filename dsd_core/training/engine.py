@@ -233,6 +233,12 @@ class Trainer:
         mp = self.config.mixed_precision
         if mp == "auto":
             mp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # one process (CLI, ComfyUI): accelerate keeps its state per process and refuses a second run with other
+            # settings (e.g. bf16 after float32 in one ComfyUI session); start each run from a clean state
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
         return Accelerator(mixed_precision=mp, cpu=self.config.cpu or self.config.device == "cpu")
 
     def _frozen_dtype(self) -> torch.dtype:
