@@ -258,3 +258,24 @@ def test_output_agreement_and_psnr():
     assert pruned["velocity_rel_mse"] > 0 and pruned["feature_distance"] > 0
     a = torch.rand(1, 3, 8, 8)
     assert psnr(a, a) == float("inf") and 10 < psnr(a, (a + 0.1).clamp(0, 1)) < 30
+
+
+def test_readme_distill_table_matches_the_estimates():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+                  encoding="utf-8").read()
+    block = readme.split("<!-- distill-table -->", 1)[1].strip().split("\n\n", 1)[0]
+    rows = [r.split("|")[1:-1] for r in block.splitlines()[2:]]
+    for cells, preset in zip(rows, ("full", "half", "quarter")):
+        layout = StudentLayout.from_preset(preset, 19, 38)
+        nd, ns = len(layout.double), len(layout.single)
+        assert cells[1].strip() == f"{nd} + {ns}"
+        from dsd_core.distill.evaluate import full_size_transformer
+
+        size = full_size_transformer(nd, ns)
+        assert cells[2].strip().startswith(f"{size.params / 1e9:.2f} B")
+        assert cells[3].strip() == f"{size.weight_bytes('bf16') / 1e9:.1f} GB"
+        assert cells[4].strip() == f"{size.weight_bytes('gguf-Q4_K') / 1e9:.1f} GB"
+        assert cells[5].strip() == f"{estimated_memory(nd, ns, 'full').peak:.1f} GiB"
+        for col, mode in ((6, "12gb"), (7, "8gb")):  # the transformer phase, with the CUDA context
+            assert cells[col].strip() == f"{estimated_memory(nd, ns, mode).phases['denoise'] + 0.4:.1f} GiB"
+        assert cells[8].strip() == f"{estimated_step_ratio(nd, ns):.2f}x"

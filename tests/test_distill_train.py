@@ -156,6 +156,12 @@ def test_pruned_student_round_trips_through_save_load_and_the_pipeline(setup, tm
     single = load_dsd_transformer_file(str(tmp_path / "student.safetensors"), dtype=torch.float32)
     assert (single.config.num_layers, single.config.num_single_layers) == (len(layout.double), len(layout.single))
     assert all(torch.equal(single.state_dict()[k], v) for k, v in student.state_dict().items())
+    # GGUF (a memory mode for small devices): the student quantized to Q8_0 loads with its reduced layer counts
+    from dsd_core.memory.gguf import load_gguf_transformer, save_gguf
+
+    save_gguf(student.state_dict(), str(tmp_path / "student-Q8_0.gguf"), "Q8_0")
+    quant = load_gguf_transformer(str(tmp_path / "student-Q8_0.gguf"), dtype=torch.float32)
+    assert (quant.config.num_layers, quant.config.num_single_layers) == (len(layout.double), len(layout.single))
     # the full-keep student of the fused teacher generates the teacher's image (fused-LoRA pipeline)
     full = build_student(teacher, StudentLayout.for_teacher(teacher, "full"))
     teacher_pipe = load_pipeline(base=setup["base"], model=setup["model"], dtype="float32", device="cpu",

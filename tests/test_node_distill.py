@@ -38,6 +38,7 @@ class Bar:
         Bar.updates.append((value, total, preview is not None))
 
 
+@torch.inference_mode()  # ComfyUI runs every node under inference mode; distilling must still train
 def test_distillation_nodes_chain(comfy_dirs, monkeypatch):
     from dsd_core.tiny import reference_image
 

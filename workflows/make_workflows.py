@@ -103,10 +103,19 @@ INTERFACES = {
     "DSDConceptLoader": dict(links=[], outputs=[("concept", "DSD_CONCEPT")]),
     "DSDApplyConcept": dict(links=[("dsd_model", "DSD_MODEL"), ("concept", "DSD_CONCEPT")],
                             outputs=[("dsd_model", "DSD_MODEL"), ("words", "STRING")]),
+    # distillation (nodes/distill.py)
+    "DSDTeacherPairs": dict(links=[("dsd_model", "DSD_MODEL"), ("images", "IMAGE")], outputs=[("dataset", "STRING")]),
+    "DSDBuildStudent": dict(links=[("dsd_model", "DSD_MODEL")], outputs=[("student", "STRING"), ("info", "STRING")]),
+    "DSDDistillStudent": dict(links=[("dsd_model", "DSD_MODEL"), ("student", "STRING"), ("dataset", "STRING")],
+                              outputs=[("dsd_model", "DSD_MODEL"), ("model_folder", "STRING"),
+                                       ("loss_curve", "IMAGE")]),
+    "DSDCompareStudent": dict(links=[("dsd_model", "DSD_MODEL"), ("student", "STRING"), ("dataset", "STRING")],
+                              outputs=[("grid", "IMAGE"), ("report", "STRING")]),
 }
 #: Widgets whose UI value is followed by the "control after generate" value.
 CONTROL_AFTER_GENERATE = {("DSDSampler", "seed"): "fixed", ("RandomNoise", "noise_seed"): "fixed",
-                          ("DSDGridPrompts", "seed"): "fixed"}
+                          ("DSDGridPrompts", "seed"): "fixed",
+                          ("DSDTeacherPairs", "seed"): "fixed", ("DSDCompareStudent", "seed"): "fixed"}
 
 
 def loader(id, pos):
@@ -346,6 +355,49 @@ def datagen() -> tuple[list[Node], list[tuple]]:
     return nodes, notes
 
 
+def distill() -> tuple[list[Node], list[tuple]]:
+    nodes = [
+        Node(1, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, 330), size=(320, 320)),
+        loader(2, (40, 80)),
+        Node(3, "DSDTeacherPairs", dict(prompts="this character playing soccer\nthis character reading a book\n"
+                                                 "this character on a beach at sunset", panel_size=512, steps=28,
+                                        seed=0),
+             {"dsd_model": (2, 0), "images": (1, 0)}, pos=(420, 80), size=(340, 260)),
+        Node(4, "DSDBuildStudent", dict(preset="quarter", double_blocks="", single_blocks="",
+                                        student_name="dsd_student"),
+             {"dsd_model": (2, 0)}, pos=(420, 380), size=(340, 200)),
+        Node(5, "DSDDistillStudent", dict(steps=500, learning_rate=1e-5, lambda_out=0.5, lambda_feat=0.5,
+                                          batch_size=1, panel_size=512, output_name="dsd_student_distilled"),
+             {"dsd_model": (2, 0), "student": (4, 0), "dataset": (3, 0)}, pos=(800, 80), size=(360, 320)),
+        Node(8, "PreviewImage", {}, {"images": (5, 2)}, pos=(800, 440), size=(360, 240), title="Loss"),
+        sampler(6, (1200, 80), model=5, image=1, prompt="this character playing soccer"),
+        Node(7, "SaveImage", dict(filename_prefix="dsd_distill_student"), {"images": (6, 0)}, pos=(1620, 80),
+             size=(400, 440)),
+        Node(9, "DSDCompareStudent", dict(pairs=2, steps=28, seed=0, panel_size=512),
+             {"dsd_model": (2, 0), "student": (5, 1), "dataset": (3, 0)}, pos=(1200, 560), size=(360, 220)),
+        Node(10, "SaveImage", dict(filename_prefix="dsd_distill_compare"), {"images": (9, 0)}, pos=(1620, 560),
+             size=(600, 320), title="reference | teacher | student"),
+    ]
+    notes = [
+        ((40, -200), (760, 240),
+         "DSD distillation: a smaller, faster DSD for your device\n\n"
+         "1. DSD Teacher Pairs: the full DSD model paints a small dataset from your reference(s) and prompts.\n"
+         "2. DSD Build Student: keeps ~1/4 (quarter: 5+10 blocks, ~3.2 B parameters) or ~1/2 of the teacher's "
+         "blocks; saved to models/dsd/dsd_student.\n"
+         "3. DSD Distill Student: trains the student to match the teacher (flow + output + feature losses). Cancel "
+         "saves a checkpoint; queue again to continue. A real student needs thousands of steps and many pairs "
+         "(see the README); 500 is a start.\n"
+         "4. The distilled model (models/dsd/dsd_student_distilled) samples like any DSD model; DSD Compare "
+         "Student shows teacher and student side by side with a report (speed ratio, PSNR, memory)."),
+        ((820, -200), (500, 240),
+         "Knobs\n\npreset: quarter (smallest, fastest) or half (closer to the teacher).\n"
+         "double_blocks / single_blocks: your own lists, e.g. '0-4' and '0-9'.\n"
+         "learning_rate 1e-5 and lambda 0.5 / 0.5 are BK-SDM's settings.\n"
+         "Then quantise (memory preset 12gb: fp8) and personalise the student with DSD LoRA training."),
+    ]
+    return nodes, notes
+
+
 # ------------------------------------------------------------------------------------------------ native path
 def native_graph(prefix, prompt, seed, image_guidance, unet="flux1-dev.safetensors", weight_dtype="default",
                  c_embedder="dsd_c_embedder.safetensors", style_loras=()) -> list[Node]:
@@ -439,7 +491,7 @@ def native_fp8_lora_stack() -> tuple[list[Node], list[tuple]]:
 GRAPHS = {"dsd_basic": basic, "dsd_true_guidance": true_guidance, "dsd_comfy_files": comfy_files,
           "dsd_native": native, "dsd_native_true_guidance": native_true_guidance,
           "dsd_native_fp8_loras": native_fp8_lora_stack, "dsd_training": training, "dsd_datagen": datagen,
-          "dsd_custom_diffusion": custom_diffusion}
+          "dsd_custom_diffusion": custom_diffusion, "dsd_distill": distill}
 
 
 def to_api(nodes: list[Node]) -> dict:

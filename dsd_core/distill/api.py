@@ -82,7 +82,9 @@ def distill(config, options, callback=None, should_stop=None, progress_bar: bool
     from .method import DistillationMethod
 
     method = DistillationMethod(config, options)
-    result = Trainer(config, method, callback=callback, should_stop=should_stop, progress_bar=progress_bar).train()
+    # autograd on even when called from an inference-mode context (ComfyUI runs every node under inference_mode)
+    with torch.inference_mode(False), torch.enable_grad():
+        result = Trainer(config, method, callback=callback, should_stop=should_stop, progress_bar=progress_bar).train()
     return result, method
 
 

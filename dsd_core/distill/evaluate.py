@@ -50,7 +50,9 @@ def estimated_memory(num_layers: int, num_single_layers: int, memory: str = "ful
     from ..memory.config import MemoryConfig
     from ..memory.estimator import estimate
 
-    cfg = MemoryConfig.from_preset(memory, fuse_lora=True)
+    cfg = MemoryConfig.from_preset(memory)
+    if cfg.transformer_weights in ("native", "fp8"):
+        cfg = cfg.replace(fuse_lora=True)
     return estimate(cfg, transformer_size=full_size_transformer(num_layers, num_single_layers), lora_bytes=0,
                     **kwargs)
 

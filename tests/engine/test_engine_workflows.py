@@ -91,7 +91,12 @@ def unique(prompt: dict) -> dict:
     return prompt
 
 
-@pytest.mark.parametrize("name", sorted(n for n, w in api_workflows().items() if not n.startswith("dsd_training")
+#: Workflows that train: run with reduced step counts by their own engine tests (test_engine_training.py,
+#: test_engine_distill.py).
+TRAINING_WORKFLOWS = {"dsd_training.json", "dsd_distill.json"}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, w in api_workflows().items() if n not in TRAINING_WORKFLOWS
                                          and any(v["class_type"] == "DSDSampler" for v in w.values())))
 def test_shipped_api_workflow_runs_and_matches_core(engine, comfy, name):
     """Every DSD Sampler workflow (the native ones: test_engine_native.py)."""
