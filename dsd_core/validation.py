@@ -163,9 +163,6 @@ def check_output_path(out: str, paths: Iterable[str] = (), expected_bytes: int =
 
 
 #: Prefix of the temporary files images are written to before the atomic rename (with the writer's process id).
-from .files import TEMP_PREFIX, remove_stale_temp_files, temp_prefix  # noqa: E402,F401  (their home: files.py)
-
-
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":

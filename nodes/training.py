@@ -77,7 +77,7 @@ class DSDTrainLoRA:
     def INPUT_TYPES(cls):
         from dsd_core.model_store import DEFAULT_BASE_NAME, list_base_models, list_dsd_models
         from dsd_core.training.config import LR_SCHEDULERS, OPTIMIZERS, TrainConfig
-        from dsd_core.training.methods.dsd_lora import LORA_TARGET_PRESETS, DSDLoRAOptions
+        from dsd_core.training.methods.options import LORA_TARGET_PRESETS, DSDLoRAOptions
 
         T, O = TrainConfig, DSDLoRAOptions
         bases = list_base_models(_comfy.folder_roots(_comfy.BASE_FOLDER))

@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
 
 def _add_train(sub) -> None:
     from ..training.config import TrainConfig, add_config_arguments
-    from .method import CustomDiffusionOptions
+    from .options import CustomDiffusionOptions
 
     p = sub.add_parser("train", help="tune one or more concepts from a few images",
                        description="Tune a concept (a folder of 4-20 images) into a delta file. Options may come from "

@@ -22,7 +22,7 @@ import torch
 
 from .. import canvas as cv
 
-SIGMA_SCHEMES = ("logit_normal", "uniform")
+from .options import SIGMA_SCHEMES  # noqa: E402  (the option lists live with the light options)
 
 
 def sample_sigmas(n: int, generator: torch.Generator | None = None, scheme: str = "logit_normal",

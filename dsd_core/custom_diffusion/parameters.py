@@ -33,11 +33,7 @@ from torch import nn
 
 from ..errors import InputError
 
-PRESETS = {
-    "kv": ("add_k_proj", "add_v_proj"),
-    "kv+q+out": ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
-}
-FORMS = ("lora", "full")
+from .options import FORMS, PRESETS  # noqa: E402  (the option lists live with the light options)
 SINGLE_TEXT_TARGETS = ("to_k", "to_v")
 
 

@@ -77,7 +77,7 @@ class EvalOptions:
 
 def add_parser(subparsers) -> None:
     from ..training.config import TrainConfig, add_config_arguments
-    from .method import DistillOptions
+    from .options import DistillOptions
 
     p = subparsers.add_parser("distill", help="task-specific distillation: a smaller, faster DSD student",
                               description=__doc__.split("\n\n")[0])

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 
-MASSIVE_MODES = ("normalize", "mask", "none")
+from .options import MASSIVE_MODES  # noqa: E402  (defined with the options, which must stay light)
 
 
 @dataclass(frozen=True)

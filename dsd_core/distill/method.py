@@ -23,73 +23,20 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import InputError
-from ..training.config import _f
-from ..training.methods.dsd_lora import TIMESTEP_SAMPLING, DSDLoRAMethod, _clean
-from .data import Canvas, InputSampling, noisy_inputs
+from ..training.methods.dsd_lora import DSDLoRAMethod, _clean
+from .data import Canvas, noisy_inputs
 from .features import BlockRecorder
-from .layout import FEATURE_MAPS, PRESETS, StudentLayout
-from .losses import MASSIVE_MODES, DistillWeights, distillation_loss
+from .layout import StudentLayout
+from .losses import distillation_loss
+from .options import DistillOptions  # noqa: F401  (re-exported: the method's options)
 
 logger = logging.getLogger(__name__)
 
 STUDENT_DIR = "transformer"
-
-
-@dataclass
-class DistillOptions:
-    """Distillation: the student, the objective and how inputs are drawn."""
-
-    student: str = _f("", "student transformer folder from `distill prune` (empty: build it from the teacher with "
-                          "--preset / --double / --single)")
-    preset: str = _f("half", "student size when built here: " + ", ".join(PRESETS) + " (fraction of the blocks kept, "
-                             "evenly spaced)", tuple(PRESETS))
-    double: str = _f("", "kept double-stream blocks, e.g. '0-4,9' (overrides --preset)")
-    single: str = _f("", "kept single-stream blocks, e.g. '0-9,20' (overrides --preset)")
-    lambda_flow: float = _f(1.0, "weight of the flow-matching loss on the data")
-    lambda_out: float = _f(0.5, "weight of the output distillation loss |v_S - v_T|^2 (BK-SDM: 0.5 as in "
-                                "segmind/distill-sd; 1.0 official)")
-    lambda_feat: float = _f(0.5, "weight of the feature distillation loss over mapped blocks")
-    feature_map: str = _f("segment_end", "teacher block each student block is compared with: segment_end (the last "
-                                         "teacher block it replaces) or same (the block it was copied from)",
-                          FEATURE_MAPS)
-    massive: str = _f("normalize", "massive-activation handling in the feature loss: normalize (per-channel by the "
-                                   "teacher's RMS), mask (leave out outliers, TinyFusion), none", MASSIVE_MODES)
-    mask_threshold: float = _f(20.0, "massive=mask: leave out teacher values above this many times the median "
-                                     "magnitude")
-    guidance_min: float = _f(3.5, "lowest distilled guidance fed to teacher and student (DSD samples at 3.5)")
-    guidance_max: float = _f(3.5, "highest distilled guidance (e.g. 2-5 to cover other settings)")
-    branch_text_image: float = _f(0.8, "share of inputs with prompt + reference (the pass used without true "
-                                       "guidance)")
-    branch_image: float = _f(0.1, "share with empty prompt + reference (true guidance's image-only pass)")
-    branch_uncond: float = _f(0.1, "share with empty prompt + zero condition (true guidance's unconditional pass)")
-    timestep_sampling: str = _f("flux_shift", "how noise levels are drawn (as DSD LoRA training)", TIMESTEP_SAMPLING)
-    sigmoid_scale: float = _f(1.0, "scale of the normal draw for sigmoid / logit-normal sampling")
-    logit_mean: float = _f(0.0, "mean of the logit-normal draw")
-    timestep_shift: float = _f(3.0, "fixed shift for timestep_sampling=shift")
-    condition_sampling: str = _f("sample", "condition latents: sample (VAE posterior sample) or mode",
-                                 ("sample", "mode"))
-    max_sequence_length: int = _f(512, "T5 tokens of the caption (generation: 512)")
-    validation_seed: int = _f(0, "seed of the validation images")
-    validation_guidance: float = _f(3.5, "distilled guidance of the validation images (DSD: 3.5)")
-
-    def __post_init__(self):
-        from ..training.config import check_choices
-
-        check_choices(self)
-        self.weights()
-        self.sampling()
-
-    def weights(self) -> DistillWeights:
-        return DistillWeights(self.lambda_flow, self.lambda_out, self.lambda_feat, self.massive, self.mask_threshold)
-
-    def sampling(self) -> InputSampling:
-        return InputSampling(guidance_range=(self.guidance_min, self.guidance_max),
-                             branch_probs=(self.branch_text_image, self.branch_image, self.branch_uncond))
 
 
 class DistillationMethod(DSDLoRAMethod):

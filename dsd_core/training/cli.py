@@ -13,7 +13,7 @@ import sys
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from .config import TrainConfig, add_config_arguments
-    from .methods import METHODS, get_method
+    from .methods import METHODS, get_options
 
     p = subparsers.add_parser(
         "train", help="train a DSD model (LoRA + c_embedder) from paired images",
@@ -29,7 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     seen: set = set()
     add_config_arguments(p, TrainConfig, seen=seen)
     for name in METHODS:  # every method's options (a flag of another method is rejected at run time)
-        cls = get_method(name).Options
+        cls = get_options(name)
         add_config_arguments(p, cls, title=f"{name} options: " + (cls.__doc__ or "").splitlines()[0], seen=seen)
     return p
 

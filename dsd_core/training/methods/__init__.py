@@ -16,13 +16,30 @@ METHODS = {
 }
 
 
-def get_method(name: str) -> type[TrainingMethod]:
+#: method name -> "module:OptionsClass": the options alone, importable without torch (the CLI builds its parser
+#: from them); the method class's ``Options`` is the same class.
+OPTIONS = {
+    "dsd-lora": "options:DSDLoRAOptions",
+    "distill": "..distill.options:DistillOptions",
+}
+
+
+def _load(registry: dict, name: str):
     from ...errors import InputError
 
-    if name not in METHODS:
-        raise InputError(f"unknown training method {name!r}; choose from {', '.join(METHODS)}.")
-    module, cls = METHODS[name].split(":")
+    if name not in registry:
+        raise InputError(f"unknown training method {name!r}; choose from {', '.join(registry)}.")
+    module, cls = registry[name].split(":")
     return getattr(importlib.import_module(f".{module}", __name__), cls)
 
 
-__all__ = ["METHODS", "NoOptions", "TrainingMethod", "get_method"]
+def get_options(name: str) -> type:
+    """The options dataclass of method ``name`` (without importing the method)."""
+    return _load(OPTIONS, name)
+
+
+def get_method(name: str) -> type[TrainingMethod]:
+    return _load(METHODS, name)
+
+
+__all__ = ["METHODS", "OPTIONS", "NoOptions", "TrainingMethod", "get_method", "get_options"]

@@ -38,11 +38,12 @@ This interface only grows: new hooks get a default implementation so existing me
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import TrainConfig
+
+if TYPE_CHECKING:  # annotations only: importing this module stays light (the CLI's parser)
+    import torch
 
 
 @dataclass
@@ -93,6 +94,8 @@ class TrainingMethod:
         """Called once every item is encoded (e.g. to move encoders off the GPU)."""
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        import torch
+
         return {k: torch.cat([it[k] for it in items], dim=0) for k in items[0]}
 
     # ------------------------------------------------------------------ objective
