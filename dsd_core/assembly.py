@@ -20,18 +20,9 @@ from __future__ import annotations
 
 import logging
 
+from .options import default_device  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
-
-
-def default_device() -> str:
-    """cuda if available, else mps, else cpu."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def resolve_dtype(dtype, device: str):

@@ -55,6 +55,17 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp3
 DEVICES = ("cuda", "mps", "cpu")
 
 
+def default_device() -> str:
+    """cuda if available, else mps, else cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def parse_dtype(dtype):
     """``torch.dtype`` from a name (``bfloat16``/``bf16``, ``float16``/``fp16``, ``float32``/``fp32``, also with a
     ``torch.`` prefix) or a ``torch.dtype``; ``None`` or ``"auto"`` -> ``None`` (chosen by device when loading)."""

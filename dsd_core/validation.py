@@ -561,7 +561,7 @@ def check_generate_args(args) -> None:
 
 
 def _default_device() -> str:
-    from .assembly import default_device
+    from .options import default_device
 
     return default_device()
 

@@ -261,3 +261,41 @@ def ensure_class_images(pipe, prompt: str, count: int, folder: str, seed: int = 
         if progress is not None:
             progress(k + 1, count)
     return out
+
+
+def concepts_from_options(options) -> list:
+    """The concepts :class:`~dsd_core.custom_diffusion.options.CustomDiffusionOptions` names, checked (every instance
+    folder has images, tokens are distinct, class prompts carry no modifier token)."""
+    if options.concepts_list:
+        path = os.path.expanduser(options.concepts_list)
+        if not os.path.isfile(path):
+            raise InputError(f"concepts_list {path} does not exist; pass a JSON list of concepts.")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                rows = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path} is not valid JSON ({e.msg}).") from None
+        if not isinstance(rows, list) or not rows:
+            raise InputError(f"{path} must hold a non-empty JSON list of concept objects.")
+        base = os.path.dirname(os.path.abspath(path))
+        concepts = []
+        for k, row in enumerate(rows):
+            if not isinstance(row, dict) or not row.get("instance_dir") or not row.get("instance_prompt"):
+                raise InputError(f"{path} item {k}: needs instance_dir and instance_prompt.")
+            concepts.append(Concept(
+                os.path.join(base, row["instance_dir"]), row["instance_prompt"], row.get("class_prompt", ""),
+                os.path.join(base, row["class_dir"]) if row.get("class_dir") else "", row.get("init_word", "")))
+    else:
+        if not options.instance_dir:
+            raise InputError("no concept images given; pass --instance-dir DIR (or --concepts-list FILE).")
+        concepts = [Concept(options.instance_dir, options.instance_prompt, options.class_prompt, options.class_dir)]
+    tokens = [c.token for c in concepts]
+    if len(set(tokens)) != len(tokens):
+        raise InputError(f"each concept needs its own modifier token, got {tokens}; use <new1>, <new2>, ...")
+    for c in concepts:
+        list_images(c.instance_dir)
+        if not c.class_prompt:
+            c.class_prompt = " ".join(c.instance_prompt.replace(c.token, " ").split())
+        if find_tokens(c.class_prompt):
+            raise InputError(f"the class prompt {c.class_prompt!r} must not contain a modifier token.")
+    return concepts

@@ -39,7 +39,7 @@ from .delta_file import ConceptFile, base_probe
 from .objective import (custom_diffusion_loss, encode_condition, encode_pixels, flow_matching_loss,
                         sample_sigmas)
 from .options import CustomDiffusionOptions  # noqa: F401  (re-exported: the method's options)
-from .parameters import ConceptDeltas, describe
+from .parameters import ConceptDeltas, ParameterSet, describe
 from .tokens import ModifierTokens, find_tokens
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,9 @@ class CustomDiffusionMethod(TrainingMethod):
 
     def __init__(self, config, options=None):
         super().__init__(config, options)
-        self.concepts = self.options.concepts()
-        self.params = self.options.parameter_set()
+        o = self.options
+        self.concepts = cd_data.concepts_from_options(o)
+        self.params = ParameterSet(o.preset, o.form, o.rank, o.alpha or None, o.context_embedder, o.single_text_kv)
         self.pipe = None
         self._images: dict[str, PIL.Image.Image] = {}
 

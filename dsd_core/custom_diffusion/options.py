@@ -3,8 +3,6 @@ the training stack. The method: :mod:`dsd_core.custom_diffusion.method`."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 from ..errors import InputError
@@ -76,48 +74,3 @@ class CustomDiffusionOptions:
 
     def encoders(self) -> list[str]:
         return [e.strip() for e in self.token_encoders.split(",") if e.strip()]
-
-    def parameter_set(self):
-        from .parameters import ParameterSet
-
-        return ParameterSet(self.preset, self.form, self.rank, self.alpha or None, self.context_embedder,
-                            self.single_text_kv)
-
-    def concepts(self) -> list:
-        from . import data as cd_data
-        from .tokens import find_tokens
-
-        """The concepts to learn, checked (every instance folder has images, tokens are distinct)."""
-        if self.concepts_list:
-            path = os.path.expanduser(self.concepts_list)
-            if not os.path.isfile(path):
-                raise InputError(f"concepts_list {path} does not exist; pass a JSON list of concepts.")
-            with open(path, encoding="utf-8") as fh:
-                try:
-                    rows = json.load(fh)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path} is not valid JSON ({e.msg}).") from None
-            if not isinstance(rows, list) or not rows:
-                raise InputError(f"{path} must hold a non-empty JSON list of concept objects.")
-            base = os.path.dirname(os.path.abspath(path))
-            concepts = []
-            for k, row in enumerate(rows):
-                if not isinstance(row, dict) or not row.get("instance_dir") or not row.get("instance_prompt"):
-                    raise InputError(f"{path} item {k}: needs instance_dir and instance_prompt.")
-                concepts.append(cd_data.Concept(
-                    os.path.join(base, row["instance_dir"]), row["instance_prompt"], row.get("class_prompt", ""),
-                    os.path.join(base, row["class_dir"]) if row.get("class_dir") else "", row.get("init_word", "")))
-        else:
-            if not self.instance_dir:
-                raise InputError("no concept images given; pass --instance-dir DIR (or --concepts-list FILE).")
-            concepts = [cd_data.Concept(self.instance_dir, self.instance_prompt, self.class_prompt, self.class_dir)]
-        tokens = [c.token for c in concepts]
-        if len(set(tokens)) != len(tokens):
-            raise InputError(f"each concept needs its own modifier token, got {tokens}; use <new1>, <new2>, ...")
-        for c in concepts:
-            cd_data.list_images(c.instance_dir)
-            if not c.class_prompt:
-                c.class_prompt = " ".join(c.instance_prompt.replace(c.token, " ").split())
-            if find_tokens(c.class_prompt):
-                raise InputError(f"the class prompt {c.class_prompt!r} must not contain a modifier token.")
-        return concepts

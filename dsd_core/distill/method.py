@@ -28,15 +28,24 @@ import torch
 
 from ..errors import InputError
 from ..training.methods.dsd_lora import DSDLoRAMethod, _clean
-from .data import Canvas, noisy_inputs
+from .data import Canvas, InputSampling, noisy_inputs
 from .features import BlockRecorder
 from .layout import StudentLayout
-from .losses import distillation_loss
-from .options import DistillOptions  # noqa: F401  (re-exported: the method's options)
+from .losses import DistillWeights, distillation_loss
+from .options import DistillOptions
 
 logger = logging.getLogger(__name__)
 
 STUDENT_DIR = "transformer"
+
+
+def _weights(o: DistillOptions) -> DistillWeights:
+    return DistillWeights(o.lambda_flow, o.lambda_out, o.lambda_feat, o.massive, o.mask_threshold)
+
+
+def _sampling(o: DistillOptions) -> InputSampling:
+    return InputSampling(guidance_range=(o.guidance_min, o.guidance_max),
+                         branch_probs=(o.branch_text_image, o.branch_image, o.branch_uncond))
 
 
 class DistillationMethod(DSDLoRAMethod):
@@ -139,13 +148,13 @@ class DistillationMethod(DSDLoRAMethod):
         n = canvas.latents.shape[0]
         sigmas = self.sample_sigmas(n, generator, cv.num_image_tokens(c.panel_size, 2 * c.panel_size,
                                                                       self.pipe.vae_scale_factor))
-        kwargs, target = noisy_inputs(canvas, generator, o.sampling(), sigma=sigmas,
+        kwargs, target = noisy_inputs(canvas, generator, _sampling(o), sigma=sigmas,
                                       guidance_embeds=self.teacher.config.guidance_embeds)
         with torch.no_grad(), BlockRecorder(self.teacher, [t for _, t in self.pairs]) as rec_t:
             v_teacher = self.teacher(**kwargs)[0]
         with BlockRecorder(self.student, [s for s, _ in self.pairs]) as rec_s:
             v_student = model(**kwargs)[0]
-        return distillation_loss(v_student, v_teacher, target, rec_s.outputs, rec_t.outputs, self.pairs, o.weights())
+        return distillation_loss(v_student, v_teacher, target, rec_s.outputs, rec_t.outputs, self.pairs, _weights(o))
 
     def loss(self, model, batch, generator) -> torch.Tensor:
         terms = self.loss_terms(model, batch, generator)
@@ -158,7 +167,7 @@ class DistillationMethod(DSDLoRAMethod):
         """Fixed noisy inputs from (held-out) pairs: each pair's canvas at each noise level in ``sigmas``."""
         generator = torch.Generator().manual_seed(seed)
         canvas = self.batch_canvas(self.collate([self.encode_item(r) for r in records]), generator)
-        return [noisy_inputs(canvas, generator, self.options.sampling(), sigma=s, branch=branch,
+        return [noisy_inputs(canvas, generator, _sampling(self.options), sigma=s, branch=branch,
                              guidance=self.options.validation_guidance,
                              guidance_embeds=self.teacher.config.guidance_embeds)[0] for s in sigmas]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import InputError
 from ..training.config import _f
 from ..training.methods.options import TIMESTEP_SAMPLING
 from .layout import FEATURE_MAPS, PRESETS
@@ -54,18 +55,13 @@ class DistillOptions:
         from ..training.config import check_choices
 
         check_choices(self)
-        self.weights()
-        self.sampling()
-
-    def weights(self):
-        """The loss weights (:class:`~dsd_core.distill.losses.DistillWeights`)."""
-        from .losses import DistillWeights
-
-        return DistillWeights(self.lambda_flow, self.lambda_out, self.lambda_feat, self.massive, self.mask_threshold)
-
-    def sampling(self):
-        """How inputs are drawn (:class:`~dsd_core.distill.data.InputSampling`)."""
-        from .data import InputSampling
-
-        return InputSampling(guidance_range=(self.guidance_min, self.guidance_max),
-                             branch_probs=(self.branch_text_image, self.branch_image, self.branch_uncond))
+        branches = (self.branch_text_image, self.branch_image, self.branch_uncond)
+        if min(branches) < 0 or sum(branches) <= 0:
+            raise InputError("branch_text_image, branch_image and branch_uncond must be non-negative shares with a "
+                             "positive sum.")
+        if self.guidance_min > self.guidance_max:
+            raise InputError(f"guidance_min {self.guidance_min} is above guidance_max {self.guidance_max}.")
+        if min(self.lambda_flow, self.lambda_out, self.lambda_feat) < 0:
+            raise InputError("distillation loss weights (lambda_flow, lambda_out, lambda_feat) must not be negative.")
+        if self.mask_threshold <= 0:
+            raise InputError(f"mask_threshold must be positive, got {self.mask_threshold}.")
