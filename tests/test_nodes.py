@@ -186,9 +186,8 @@ except RuntimeError as e:
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stdout + res.stderr
 
 
-def test_files_loader_runs_from_comfyui_single_files(tmp_path, monkeypatch):
+def test_files_loader_runs_from_comfyui_single_files(tmp_path, monkeypatch, make_pipe):
     """DSD from clip_l / t5xxl / ae / one transformer file / LoRA, as ComfyUI keeps them; nothing downloaded."""
-    from dsd_core.loading import load_pipeline
     from dsd_core.sources import FilesSource
     from dsd_core.tiny import reference_image, write_tiny_comfy_files
 
@@ -204,10 +203,8 @@ def test_files_loader_runs_from_comfyui_single_files(tmp_path, monkeypatch):
                         dtype="float32", memory="full", speed="exact")[0]
     image = pil_to_tensor(reference_image(seed=4))
     images, _, _ = _sample(handle, image)
-    direct = load_pipeline(source=FilesSource(paths["transformer"], paths["clip_l"], paths["t5xxl"], paths["vae"],
-                                              lora=paths["lora"], tokenizers=paths["tokenizers"]),
-                           dtype="float32", device="cpu")
-    direct.set_progress_bar_config(disable=True)
+    direct = make_pipe(source=FilesSource(paths["transformer"], paths["clip_l"], paths["t5xxl"], paths["vae"],
+                                          lora=paths["lora"], tokenizers=paths["tokenizers"]))
     want = direct(prepare_reference(tensor_to_pil(image)[0], 256, 256), "a cat on a red chair", height=256,
                   width=512, num_inference_steps=2, seed=3, output_type="pt").images
     assert torch.equal(images, want.permute(0, 2, 3, 1))
