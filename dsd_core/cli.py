@@ -6,6 +6,9 @@ so ``--help`` and light commands start fast. To add a command, write its module 
 
 Other libraries' warnings (torch, torchao, transformers, diffusers, ...) are silenced at their source on a normal
 run; ``-v`` shows them and debug logs. ``-q`` prints only errors and the results (e.g. the saved path).
+
+Any failure is one ``error:`` line with the fix (:func:`dsd_core.error_report.report`; exit 2 for a problem the user
+can fix, 1 for an unexpected one); ``-v`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ import logging
 import os
 import sys
 import warnings
-
-from .errors import DSDError
 
 #: The commands, in ``--help`` order: one module each (see the module docstring).
 COMMANDS = [

@@ -556,14 +556,10 @@ def check_generate_args(args) -> None:
     if model and os.path.isfile(model) and not args.transformer:
         raise ModelFormatError(f"--model {args.model} is a file; pass a folder holding transformer/ and "
                                "pytorch_lora_weights.safetensors, or a Hugging Face repo id.")
-    check_canvas_memory(args.height, args.width, args.num_images, args.device or _default_device(), args.dtype,
-                        vae_config)
+    import torch
 
-
-def _default_device() -> str:
-    from .options import default_device
-
-    return default_device()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # MPS shares the RAM: as CPU
+    check_canvas_memory(args.height, args.width, args.num_images, device, args.dtype, vae_config)
 
 
 def check_load_arguments(base=None, model=None, transformer=None, lora=None, device=None) -> None:
