@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_tiny(sub)
     _add_memory(sub)
+    from .training import cli as train_cli  # `train`: its own module (add_parser / run)
+
+    train_cli.add_parser(sub)
     from .distill import cli as distill_cli  # python -m dsd_core distill data|prune|train|eval
 
     distill_cli.add_parser(sub)
@@ -264,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        if args.command == "train":
+            from .training import cli as train_cli
+
+            return train_cli.run(args)
         if args.command == "distill":
             from .distill import cli as distill_cli
 

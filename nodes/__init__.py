@@ -22,6 +22,7 @@ _MODULES = {
     "sampler": (("DSDSampler",), _CORE),
     "prompt_enhancer": (("DSDPromptEnhancer",), ()),
     "distill": (("DSDTeacherPairs", "DSDBuildStudent", "DSDDistillStudent", "DSDCompareStudent"), _CORE),
+    "training": (("DSDTrainingDataset", "DSDTrainLoRA", "DSDSaveTrainedModel", "DSDPlotLoss"), _CORE),
 }
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -151,3 +151,27 @@ def comfy_tqdm_class():
             return out
 
     return ComfyTqdm
+
+
+# ---------------------------------------------------------------------------------------------- training nodes
+def input_path(path: str) -> str:
+    """An absolute path as is; a relative one under ComfyUI's input folder (the working directory outside ComfyUI)."""
+    path = os.path.expanduser(path.strip())
+    if os.path.isabs(path):
+        return path
+    try:
+        import folder_paths
+    except ImportError:
+        return os.path.abspath(path)
+    return os.path.join(folder_paths.get_input_directory(), path)
+
+
+def raise_interrupted() -> None:
+    """Stop the graph as ComfyUI's Cancel does (after the training node has saved its checkpoint)."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        from dsd_core.training import TrainingCancelled
+
+        raise TrainingCancelled("training cancelled; a checkpoint was saved") from None
+    raise mm.InterruptProcessingException()

@@ -189,8 +189,57 @@ def distill() -> tuple[list[Node], list[tuple]]:
     return nodes, notes
 
 
+# ---- training (nodes/training.py) ----
+INTERFACES.update({
+    "DSDTrainingDataset": dict(links=[], outputs=[("dataset", "DSD_TRAINING_DATA")]),
+    "DSDTrainLoRA": dict(links=[("dataset", "DSD_TRAINING_DATA")],
+                         outputs=[("dsd_model", "DSD_MODEL"), ("loss", "LOSS_MAP"), ("model_folder", "STRING"),
+                                  ("steps", "INT")]),
+    "DSDPlotLoss": dict(links=[("loss", "LOSS_MAP")], outputs=[("plot", "IMAGE")]),
+})
+TRAINING_DATA = "dsd_pairs"
+
+
+def training() -> tuple[list[Node], list[tuple]]:
+    train = dict(base="FLUX.1-dev", start_from="FLUX (fresh c_embedder + LoRA)", output_name="my_dsd", steps=1000,
+                 learning_rate=1e-4, batch_size=1, gradient_accumulation=4, rank=32, alpha=32.0,
+                 lora_targets="attention", panel_size=512, base_weights="fp8", run_seed=0, resume=True,
+                 checkpoint_every=250, validate_every=250, validation_steps=28, optimizer="adamw",
+                 lr_scheduler="constant", gradient_checkpointing=True, condition_dropout=0.1, caption_dropout=0.1,
+                 dtype="auto")
+    nodes = [
+        Node(1, "DSDTrainingDataset", dict(folder=TRAINING_DATA, reference_column="reference",
+                                           target_column="target", caption_column="caption", min_image_size=256),
+             pos=(40, 80), size=(340, 200)),
+        Node(2, "DSDTrainLoRA", train, {"dataset": (1, 0)}, pos=(420, 80), size=(380, 760)),
+        Node(3, "LoadImage", dict(image=REFERENCE_IMAGE), pos=(40, 340), size=(320, 320)),
+        sampler(4, (840, 80), model=2, image=3, prompt="this character playing soccer"),
+        Node(5, "SaveImage", dict(filename_prefix="dsd_trained"), {"images": (4, 0)}, pos=(1260, 80),
+             size=(400, 440)),
+        Node(6, "DSDPlotLoss", dict(width=800, height=480), {"loss": (2, 1)}, pos=(840, 540), size=(320, 130)),
+        Node(7, "SaveImage", dict(filename_prefix="dsd_training_loss"), {"images": (6, 0)}, pos=(1260, 560),
+             size=(400, 300), title="Loss curve"),
+    ]
+    notes = [
+        ((40, -200), (760, 250),
+         "DSD training: paired images -> a DSD model\n\n"
+         "1. Put pairs in ComfyUI/input/dsd_pairs: the images and metadata.jsonl, one line per pair: "
+         '{"reference": "ref/1.png", "target": "tgt/1.png", "caption": "this toy on a beach"}.\n'
+         "2. FLUX.1-dev as a diffusers folder (with transformer/) in models/diffusers/FLUX.1-dev, or continue a DSD "
+         "model from models/dsd (start_from).\n"
+         "3. Queue. The progress bar shows the loss and validation images (reference | target | generated). Cancel "
+         "saves a checkpoint; queue again with resume on to continue.\n\n"
+         "The model lands in models/dsd/my_dsd (the DSD Model Loader lists it) and goes straight to the sampler."),
+        ((840, -200), (420, 250),
+         "Defaults: one 24 GB GPU (fp8 frozen transformer, rank 32, batch 1 x 4). Estimated peak memory is printed "
+         "in the console before step 1. The paper: rank 512, lr 1e-4, batch 160 on 8x H100.\n"
+         "DSD Save Trained Model copies a snapshot (standalone: with the full transformer)."),
+    ]
+    return nodes, notes
+
+
 GRAPHS = {"dsd_basic": basic, "dsd_true_guidance": true_guidance, "dsd_comfy_files": comfy_files,
-          "dsd_distill": distill}
+          "dsd_distill": distill, "dsd_training": training}
 
 
 def to_api(nodes: list[Node]) -> dict:

@@ -29,8 +29,10 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 TRAIN_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
-def _f(default, help: str, choices=None, **kw):
+def _f(default, help: str, choices=None, const=None, **kw):
     meta = {"help": help}
+    if const is not None:
+        meta["const"] = const  # the flag may be given without a value
     if choices is not None:
         meta["choices"] = tuple(choices)
     if isinstance(default, (list, dict)):
@@ -61,9 +63,14 @@ class TrainConfig:
     from_flux: str = _f("", "start from this plain FLUX transformer folder with a fresh zero c_embedder and a new LoRA")
     output: str = _f("", "output folder: becomes a DSD model folder; checkpoints/ and logs/ go inside")
     dtype: str = _f("auto", "dtype of the frozen weights (auto: bfloat16 on GPU, float32 on CPU)", TRAIN_DTYPES)
-    memory: str = _f("full", "memory preset of the frozen base (e.g. 24gb: fp8 transformer weights); see "
-                             "`python -m dsd_core memory`")
-    device: str = _f("", "cuda / cpu / mps (default: what accelerate picks; always cpu with --cpu)")
+    memory: str = _f("full", "memory preset of the frozen model (see `python -m dsd_core memory`); training uses its "
+                             "weight storage only (no offload, LoRA unfused)")
+    base_weights: str = _f("", "storage of the frozen transformer weights, overriding the preset's: native, fp8 "
+                               "(float8, upcast per layer), int8 / int4 (torchao), nf4 (bitsandbytes, CUDA)",
+                           ("", "native", "fp8", "int8", "int4", "nf4"))
+    text_encoder_weights: str = _f("", "storage of the frozen T5/CLIP weights, overriding the preset's: native or fp8",
+                                   ("", "native", "fp8"))
+    device: str = _f("", "cpu to force the CPU (like --cpu); otherwise accelerate places each process on its GPU")
     cpu: bool = _f(False, "train on the CPU even if a GPU is present (tests, tiny models)")
     local_files_only: bool = _f(False, "never download models")
     # optimisation
@@ -90,13 +97,15 @@ class TrainConfig:
     # checkpoints and logs
     checkpoint_every: int = _f(250, "write a checkpoint every N steps (and at the end)")
     keep_checkpoints: int = _f(3, "keep the last K checkpoints (0: keep all)")
-    resume: str = _f("", "resume: 'latest' (the newest checkpoint in OUTPUT/checkpoints) or a checkpoint folder")
+    resume: str = _f("", "resume: --resume alone or 'latest' (the newest checkpoint in OUTPUT/checkpoints; a fresh "
+                         "start if there is none yet), or a checkpoint folder", const="latest")
     validate_every: int = _f(250, "render validation images every M steps (0: never)")
     validation_steps: int = _f(28, "denoising steps of the validation images")
     log_every: int = _f(1, "write the loss every N steps to OUTPUT/logs/loss.csv (and TensorBoard if installed)")
+    num_workers: int = _f(0, "kept for config compatibility: items come from the encoded cache in memory, so there "
+                             "is no loading to parallelise")
     cache_dir: str = _f("", "where VAE latents and text embeddings are cached (default: DATA/.dsd_cache; reused "
                             "by later runs on the same data and models)")
-    num_workers: int = _f(0, "reserved: data is read from the cache in the main process")
 
     def __post_init__(self):
         check_choices(self)
@@ -143,15 +152,21 @@ def _parse_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *classes, title: str | None = None) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, *classes, title: str | None = None,
+                         seen: set | None = None) -> None:
     """Add one flag per field of each dataclass (``--max-steps``; booleans ``--flag`` / ``--no-flag``).
 
     Defaults are left out of the namespace (``argparse.SUPPRESS``) so that :func:`build_config` can tell a flag that
-    was given from one that was not, and let the YAML file fill the rest.
+    was given from one that was not, and let the YAML file fill the rest. Names already in ``seen`` are skipped (two
+    methods may share an option name; the value goes to whichever method runs).
     """
+    seen = set() if seen is None else seen
     for cls in classes:
         group = parser.add_argument_group(title or cls.__doc__.splitlines()[0] if cls.__doc__ else cls.__name__)
         for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
             help_text = f.metadata.get("help", "")
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text += f" (default: {default!r})"
@@ -161,6 +176,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, *classes, title: str |
                 group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
             elif t is list:
                 group.add_argument(flag(f.name), type=lambda s: [x for x in s.split(",") if x], **kw)
+            elif "const" in f.metadata:
+                group.add_argument(flag(f.name), type=t, nargs="?", const=f.metadata["const"], **kw)
             else:
                 if "choices" in f.metadata:
                     kw["choices"] = f.metadata["choices"]
@@ -214,12 +231,13 @@ def _coerce(value, t, name):
     return value
 
 
-def config_from_args(args: argparse.Namespace, *classes) -> list:
-    """Dataclasses from parsed flags plus the optional ``args.config`` YAML (flags win)."""
+def config_from_args(args: argparse.Namespace, *classes, ignore: tuple = ()) -> list:
+    """Dataclasses from parsed flags plus the optional ``args.config`` YAML (flags win); YAML keys in ``ignore``
+    are not options (e.g. ``method``)."""
     values: dict[str, Any] = {}
     cfg_file = getattr(args, "config", None)
     if cfg_file:
-        values.update(read_yaml(cfg_file))
+        values.update({k: v for k, v in read_yaml(cfg_file).items() if k not in ignore})
     names = {f.name for cls in classes for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
     return build_config(values, *classes, source=cfg_file or "the flags")
@@ -239,8 +257,8 @@ def write_config(path: str, *configs) -> None:
     atomic_write_text(path, json.dumps(to_dict(*configs), indent=2, sort_keys=True) + "\n")
 
 
-def example_yaml(*classes) -> str:
-    """A commented YAML with every option at its default (the source of configs/train_dsd.example.yaml)."""
+def example_yaml(*classes, values: dict | None = None) -> str:
+    """A commented YAML with every option: its help, its choices, and its value (``values`` or the default)."""
     import yaml
 
     lines = []
@@ -248,6 +266,7 @@ def example_yaml(*classes) -> str:
         lines.append(f"# ---- {cls.__doc__.splitlines()[0] if cls.__doc__ else cls.__name__}")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = (values or {}).get(f.name, default)
             lines.append(f"# {f.metadata.get('help', '')}")
             if "choices" in f.metadata:
                 lines.append(f"#   choices: {', '.join(map(str, f.metadata['choices']))}")

@@ -20,13 +20,14 @@ item (its line or row) and what to fix.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
+import importlib.util
 import io
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import PIL.Image
 
@@ -39,16 +40,17 @@ MAX_REPORTED = 20
 
 @dataclass
 class PairRecord:
-    """One training pair. ``reference`` / ``target`` are a file path or encoded image bytes."""
+    """One training pair. ``reference`` / ``target``: a file path, encoded image bytes, or a lazily read cell of a
+    dataset file (:class:`ArrowCell`)."""
 
     name: str  # where it came from, for messages: "metadata.jsonl line 3" or "train-0000.parquet row 7"
-    reference: str | bytes
-    target: str | bytes
+    reference: str | bytes | ArrowCell
+    target: str | bytes | ArrowCell
     caption: str
     extra: dict = field(default_factory=dict)
 
     def open(self, which: str) -> PIL.Image.Image:
-        src = self.reference if which == "reference" else self.target
+        src = _resolve(self.reference if which == "reference" else self.target)
         image = PIL.Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
         image.load()
         return image
@@ -56,7 +58,7 @@ class PairRecord:
     def content_key(self) -> str:
         """A hash of the pair's image bytes and caption (the cache key of its latents)."""
         h = hashlib.sha256()
-        for src in (self.reference, self.target):
+        for src in (_resolve(self.reference), _resolve(self.target)):
             if isinstance(src, bytes):
                 h.update(src)
             else:
@@ -131,41 +133,88 @@ def _dataset_files(source: str) -> list[str]:
 
 
 def _from_arrow(files: list[str], ref_col: str, tgt_col: str, cap_col: str) -> list[PairRecord]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
+    """Records of parquet/arrow files. Captions and other plain columns are read at once; image cells holding bytes
+    are read when needed (:class:`ArrowCell`), one file's column at a time, so a 500k-pair dataset is never in
+    memory whole."""
+    if importlib.util.find_spec("pyarrow") is None:
         raise InputError("reading Hugging Face dataset files needs pyarrow: `pip install pyarrow` (or "
-                         "`pip install comfyui-selfdistill[train]`).") from None
+                         "`pip install comfyui-selfdistill[train]`).")
     records = []
     for path in files:
-        if path.endswith(".parquet"):
-            table = pq.read_table(path)
-        else:
-            with pa.memory_map(path) as src:
-                try:
-                    table = pa.ipc.open_stream(src).read_all()
-                except pa.ArrowInvalid:
-                    table = pa.ipc.open_file(src).read_all()
-        missing = [c for c in (ref_col, tgt_col) if c not in table.column_names]
+        schema = _schema(path)
+        missing = [c for c in (ref_col, tgt_col) if c not in schema.names]
         if missing:
             raise InputError(f"{path} has no column {', '.join(map(repr, missing))} (columns: "
-                             f"{', '.join(table.column_names)}); map them with --reference-column / "
+                             f"{', '.join(schema.names)}); map them with --reference-column / "
                              "--target-column / --caption-column.")
+        plain = tuple(f.name for f in schema if _is_plain_type(f.type))  # captions, ids, image paths
+        rows = _read_columns(path, plain).to_pylist() if plain else [{}] * _num_rows(path)
         base = os.path.dirname(path)
-        for i, row in enumerate(table.to_pylist()):
-            name = f"{os.path.basename(path)} row {i}"
-            extra = {k: v for k, v in row.items() if k not in (ref_col, tgt_col, cap_col) and _plain(v)}
-            records.append(PairRecord(name=name, reference=_image_cell(row[ref_col], base),
-                                      target=_image_cell(row[tgt_col], base), caption=_caption(row.get(cap_col)),
-                                      extra=extra))
+        for i, row in enumerate(rows):
+
+            def cell(col, row=row, i=i):
+                return _image_cell(row[col], base) if col in row else ArrowCell(path, i, col)
+
+            extra = {k: v for k, v in row.items() if k not in (ref_col, tgt_col, cap_col)}
+            records.append(PairRecord(name=f"{os.path.basename(path)} row {i}", reference=cell(ref_col),
+                                      target=cell(tgt_col), caption=_caption(row.get(cap_col)), extra=extra))
     if not records:
         raise InputError(f"{', '.join(files)} hold no rows.")
     return records
 
 
-def _plain(v: Any) -> bool:
-    return v is None or isinstance(v, (str, int, float, bool))
+class ArrowCell:
+    """An image cell of a parquet/arrow file, read when needed: a ``{"bytes", "path"}`` struct or raw bytes."""
+
+    def __init__(self, path: str, row: int, column: str):
+        self.path, self.row, self.column = path, row, column
+
+    def read(self) -> str | bytes:
+        value = _read_columns(self.path, (self.column,)).column(0)[self.row].as_py()
+        return _image_cell(value, os.path.dirname(self.path))
+
+    def __repr__(self) -> str:
+        return f"ArrowCell({os.path.basename(self.path)!r}, row={self.row}, column={self.column!r})"
+
+
+def _is_plain_type(t) -> bool:
+    import pyarrow as pa
+
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+            or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t))
+
+
+def _schema(path: str):
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path) if path.endswith(".parquet") else _read_arrow(path).schema
+
+
+def _num_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows if path.endswith(".parquet") else _read_arrow(path).num_rows
+
+
+def _read_arrow(path: str):
+    """An Arrow IPC file (stream or file format, as ``datasets`` writes), memory-mapped: nothing is copied."""
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_stream(pa.memory_map(path)).read_all()
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(pa.memory_map(path)).read_all()
+
+
+@functools.lru_cache(maxsize=4)
+def _read_columns(path: str, columns: tuple):
+    """Some columns of one file. The last few are kept: items are encoded in file order, and the reference and
+    target columns alternate."""
+    import pyarrow.parquet as pq
+
+    if path.endswith(".parquet"):
+        return pq.read_table(path, columns=list(columns))
+    return _read_arrow(path).select(list(columns))
 
 
 def _image_cell(cell, base: str) -> str | bytes:
@@ -178,6 +227,10 @@ def _image_cell(cell, base: str) -> str | bytes:
     return os.path.join(base, str(cell)) if cell else ""
 
 
+def _resolve(src):
+    return src.read() if isinstance(src, ArrowCell) else src
+
+
 # ---------------------------------------------------------------------------------------------- validation
 def validate_pairs(records: list[PairRecord], min_size: int = 256, require_caption: bool = True,
                    source: str = "the dataset") -> None:
@@ -186,7 +239,7 @@ def validate_pairs(records: list[PairRecord], min_size: int = 256, require_capti
     seen: dict[tuple, str] = {}
     for r in records:
         for which in ("reference", "target"):
-            src = getattr(r, which)
+            src = _resolve(getattr(r, which))
             if not src:
                 problems.append(f"{r.name}: no {which} image")
                 continue
@@ -205,7 +258,7 @@ def validate_pairs(records: list[PairRecord], min_size: int = 256, require_capti
                                 f"shorter side (lower --min-image-size, or drop it)")
         if require_caption and not r.caption.strip():
             problems.append(f"{r.name}: empty caption (add one; caption dropout already trains the empty prompt)")
-        key = (_identity(r.reference), _identity(r.target), r.caption.strip())
+        key = (_identity(_resolve(r.reference)), _identity(_resolve(r.target)), r.caption.strip())
         if key in seen:
             problems.append(f"{r.name}: duplicate of {seen[key]} (same reference, target and caption)")
         else:

@@ -33,7 +33,6 @@ import contextlib
 import csv
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -234,18 +233,16 @@ class Trainer:
         mp = self.config.mixed_precision
         if mp == "auto":
             mp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-        cpu = self.config.cpu or self.config.device == "cpu"
-        return Accelerator(mixed_precision=mp, cpu=cpu)
+        return Accelerator(mixed_precision=mp, cpu=self.config.cpu or self.config.device == "cpu")
 
     def _frozen_dtype(self) -> torch.dtype:
         from ..loading import resolve_dtype
 
-        device = "cpu" if (self.config.cpu or self.config.device == "cpu" or not torch.cuda.is_available()) \
-            else (self.config.device or "cuda")
+        cpu = self.config.cpu or self.config.device == "cpu" or not torch.cuda.is_available()
+        device = "cpu" if cpu else "cuda"
         return resolve_dtype(None if self.config.dtype == "auto" else self.config.dtype, device)
 
     def _prepare_data(self):
-        from .cache import TensorCache
         from .data import load_pairs, validate_pairs
 
         c = self.config
@@ -337,8 +334,7 @@ class Trainer:
                 if c.validate_every and (step % c.validate_every == 0 or step == c.max_steps):
                     images = self._validate(validation_records, step, output)
                     last_images = images or last_images
-                stop = self._stop_now()
-                if stop or (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.max_steps:
+                if (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.max_steps:
                     ckpt = last_ckpt = self._save_checkpoint(output, step, optimizer, scheduler, generator, plan)
                 if bar is not None:
                     bar.update(1)
@@ -350,15 +346,14 @@ class Trainer:
                         self.callback(progress)
                     except TrainingCancelled:
                         self._stop_requested = True
-                        stop = True
-                        if ckpt is None:
-                            last_ckpt = self._save_checkpoint(output, step, optimizer, scheduler, generator, plan)
-                if stop or self._stop_requested:
-                    interrupted = step < c.max_steps
-                    if interrupted:
-                        if acc.is_main_process:
-                            print(f"stopped at step {step}; checkpoint {last_ckpt} (continue with --resume latest)")
-                        break
+                # SIGINT, cancel or should_stop(): every process stops after this step, with a checkpoint
+                if self._stop_now() and step < c.max_steps:
+                    if ckpt is None:
+                        last_ckpt = self._save_checkpoint(output, step, optimizer, scheduler, generator, plan)
+                    interrupted = True
+                    if acc.is_main_process:
+                        print(f"stopped at step {step}; checkpoint {last_ckpt} (continue with --resume)")
+                    break
         if bar is not None:
             bar.close()
         loss_log.close()

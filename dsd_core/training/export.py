@@ -11,7 +11,7 @@ Layout (what :func:`dsd_core.loading.load_pipeline` reads)::
 
 When only the LoRA and ``c_embedder`` changed, the 24 GB base transformer is therefore referenced, not copied
 (:func:`dsd_core.transformer.read_transformer_link` resolves it when loading). With ``full_transformer`` the folder
-is self-contained (``save_pretrained`` of the transformer without its LoRA) and can be moved anywhere.
+is self-contained (``save_pretrained`` of the transformer with the trained ``c_embedder``) and can be moved anywhere.
 """
 
 from __future__ import annotations
@@ -41,48 +41,79 @@ def save_lora_file(path: str, lora: dict, adapter_config: dict) -> None:
 
 
 def save_dsd_model(output_dir: str, lora: dict, lora_config: dict, c_embedder: dict, base_transformer: str,
-                   transformer_config: dict, full_transformer: torch.nn.Module | None = None,
-                   dtype: torch.dtype = torch.bfloat16) -> str:
-    """Write (or replace) the model folder's ``transformer/`` and LoRA; returns ``output_dir``."""
+                   transformer_config: dict, standalone: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Write (or replace) the model folder's ``transformer/`` and LoRA; returns ``output_dir``.
+
+    ``transformer/`` links ``base_transformer`` and holds the trained ``c_embedder``; ``standalone`` then replaces
+    it with the full transformer (:func:`materialize_transformer`).
+    """
     output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     save_lora_file(os.path.join(output_dir, LORA_FILENAME), lora, lora_config)
     final = os.path.join(output_dir, TRANSFORMER_DIR)
     tmp = tempfile.mkdtemp(dir=output_dir, prefix=".tmp-transformer-")
     try:
-        if full_transformer is not None:
-            _save_full(full_transformer, tmp, dtype)
-        else:
-            config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in transformer_config.items()}
-            config["_class_name"] = "DSDTransformer2DModel"
-            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
-                json.dump(config, fh, indent=2, sort_keys=True)
-            atomic_save_file({f"c_embedder.{k}": v.to(dtype) for k, v in c_embedder.items()},
-                             os.path.join(tmp, LINKED_WEIGHTS), metadata={"format": "pt"})
-            with open(os.path.join(tmp, LINK_FILE), "w", encoding="utf-8") as fh:
-                json.dump({"base_transformer": os.path.abspath(base_transformer), "weights": LINKED_WEIGHTS,
-                           "note": "the trained c_embedder is in weights; every other transformer weight is "
-                                   "base_transformer's (not copied). Move or delete that folder and this model "
-                                   "no longer loads; train with export_full_transformer for a standalone copy."},
-                          fh, indent=2)
+        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in transformer_config.items()}
+        config["_class_name"] = "DSDTransformer2DModel"
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2, sort_keys=True)
+        atomic_save_file({f"c_embedder.{k}": v.to(dtype) for k, v in c_embedder.items()},
+                         os.path.join(tmp, LINKED_WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, LINK_FILE), "w", encoding="utf-8") as fh:
+            json.dump({"base_transformer": os.path.abspath(base_transformer), "weights": LINKED_WEIGHTS,
+                       "note": "the trained c_embedder is in weights; every other transformer weight is "
+                               "base_transformer's (not copied). Move or delete that folder and this model no "
+                               "longer loads; export with standalone for a self-contained copy."}, fh, indent=2)
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if standalone:
+        materialize_transformer(final, dtype)
     return output_dir
 
 
-def _save_full(transformer, folder: str, dtype: torch.dtype) -> None:
-    """``save_pretrained`` of the transformer's base weights + c_embedder (the LoRA stays in its own file)."""
-    state = {k: v for k, v in transformer.state_dict().items() if "lora_" not in k}
-    state = {k.replace(".base_layer.", "."): v.detach().to(dtype).cpu().contiguous() for k, v in state.items()}
-    transformer.save_config(folder)
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
-        config = json.load(fh)
-    config["_class_name"] = "DSDTransformer2DModel"
-    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as fh:
-        json.dump(config, fh, indent=2, sort_keys=True)
-    from huggingface_hub import save_torch_state_dict
+def materialize_transformer(folder: str, dtype: torch.dtype | None = None) -> None:
+    """Replace a linked ``transformer/`` folder by a self-contained one (``save_pretrained`` of the loaded model)."""
+    from ..transformer import DSDTransformer2DModel, read_transformer_link
 
-    save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
-                          max_shard_size="5GB")
+    if read_transformer_link(folder) is None:
+        return
+    model = DSDTransformer2DModel.from_pretrained(folder, dtype=dtype)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(folder)), prefix=".tmp-transformer-")
+    try:
+        model.save_pretrained(tmp)
+        replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_model(source: str, destination: str, standalone: bool = False) -> str:
+    """Copy a trained DSD model folder (LoRA + ``transformer/``) to ``destination`` (replaced if it exists).
+
+    A linked ``transformer/`` keeps its link (a few kB are copied); ``standalone`` writes the full transformer
+    instead, so the copy no longer depends on the base transformer folder.
+    """
+    from ..errors import ModelNotFoundError
+
+    source, destination = os.path.abspath(source), os.path.abspath(destination)
+    if source == destination:
+        raise ModelNotFoundError(f"{destination} is the model folder itself; pick another name.")
+    lora = os.path.join(source, LORA_FILENAME)
+    src_transformer = os.path.join(source, TRANSFORMER_DIR)
+    if not (os.path.isfile(lora) and os.path.isdir(src_transformer)):
+        raise ModelNotFoundError(f"{source} is not a DSD model folder (needs {TRANSFORMER_DIR}/ and {LORA_FILENAME}).")
+    parent = os.path.dirname(destination)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-model-")
+    try:
+        shutil.copy2(lora, os.path.join(tmp, LORA_FILENAME))
+        shutil.copytree(src_transformer, os.path.join(tmp, TRANSFORMER_DIR))
+        if standalone:
+            materialize_transformer(os.path.join(tmp, TRANSFORMER_DIR))
+        replace_dir(tmp, destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return destination

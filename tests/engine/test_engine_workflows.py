@@ -89,8 +89,9 @@ def unique(prompt: dict) -> dict:
     return prompt
 
 
-#: Workflows that train: run with reduced step counts by their own engine tests (test_engine_distill.py).
-TRAINING_WORKFLOWS = {"dsd_distill.api.json"}
+#: Workflows that train: run with reduced step counts by their own engine tests (test_engine_training.py,
+#: test_engine_distill.py).
+TRAINING_WORKFLOWS = {"dsd_distill.api.json"} | {n for n in api_workflows() if n.startswith("dsd_training")}
 
 
 @pytest.mark.parametrize("name", sorted(set(api_workflows()) - TRAINING_WORKFLOWS))

@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -129,6 +129,9 @@ class DSDLoRAMethod(TrainingMethod):
             raise InputError("pass exactly one starting point: --model DSD_DIR (continue from DSD weights) or "
                              "--from-flux FLUX_TRANSFORMER_DIR (fresh c_embedder and LoRA).")
         memory = resolve_memory(c.memory)
+        storage = {k: v for k, v in (("transformer_weights", c.base_weights),
+                                     ("text_encoder_weights", c.text_encoder_weights)) if v}
+        memory = memory.replace(**storage) if storage else memory
         if memory.offload != "none" or memory.fuse_lora or memory.release_text_encoders:
             memory = memory.replace(offload="none", fuse_lora=False, release_text_encoders=False)
             logger.warning("training keeps the model on the device with an unfused LoRA; the memory preset's "
@@ -168,12 +171,16 @@ class DSDLoRAMethod(TrainingMethod):
         for name, p in transformer.named_parameters():
             if "lora_" in name and f".{ADAPTER}." in name:
                 p.requires_grad_(True)
+        if type(transformer.c_embedder.weight.data) is not torch.Tensor:
+            raise DSDError(f"base_weights={memory.transformer_weights!r} quantizes c_embedder too, which DSD trains; "
+                           "use base_weights native or fp8 (fp8 keeps c_embedder and the LoRA in full precision).")
         transformer.c_embedder.requires_grad_(o.train_c_embedder)
         for p in transformer.parameters():  # trainable weights in float32 (the frozen base keeps its dtype)
             if p.requires_grad:
                 p.data = p.data.float()
         self.transformer = transformer
         self.device = torch.device(device)
+        self.dtype = dtype
         with torch.no_grad():
             empty, empty_pooled, _ = pipe.encode_text("", self.device, o.max_sequence_length)
         self.empty_embeds, self.empty_pooled = empty.cpu(), empty_pooled.cpu()
@@ -218,6 +225,30 @@ class DSDLoRAMethod(TrainingMethod):
         return {"canvas_posterior": canvas.cpu(), "condition_posterior": condition.cpu(),
                 "prompt_embeds": embeds.cpu(), "pooled": pooled.cpu()}
 
+    def after_encoding(self) -> None:
+        """Text embeddings are cached now: on a GPU the text encoders wait in host memory, which frees ~9.5 GiB at
+        full size for training. A pre-forward hook brings an encoder back to the GPU when a prompt is encoded again
+        (validation images); :meth:`validation_images` sends them back afterwards."""
+        if self.device.type != "cuda":
+            return
+        for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
+            if encoder is not None and not getattr(encoder, "_dsd_onload_hook", False):
+                encoder.register_forward_pre_hook(self._onload)
+                encoder._dsd_onload_hook = True
+        self._offload_encoders()
+
+    def _onload(self, module, args) -> None:
+        if next(module.parameters()).device != self.device:
+            module.to(self.device)
+
+    def _offload_encoders(self) -> None:
+        if self.device.type != "cuda":
+            return
+        for encoder in (self.pipe.text_encoder, self.pipe.text_encoder_2):
+            if encoder is not None:
+                encoder.to("cpu")
+        torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------ objective
     def latents_from_posterior(self, parameters: torch.Tensor, generator, sampling: str = "sample"):
         """Shifted, scaled, packed latents from cached VAE posterior parameters: the steps of
@@ -257,7 +288,7 @@ class DSDLoRAMethod(TrainingMethod):
 
         o, c = self.options, self.config
         dev = self.device
-        frozen_dtype = next(p for p in self.transformer.parameters() if not p.requires_grad).dtype
+        frozen_dtype = self.compute_dtype()
         n = batch["canvas_posterior"].shape[0]
         height, width = c.panel_size, 2 * c.panel_size
         x0, _ = self.latents_from_posterior(batch["canvas_posterior"].float(), generator)
@@ -294,6 +325,13 @@ class DSDLoRAMethod(TrainingMethod):
             rows, cols = height // 16, width // 16
             err = err.view(n, rows, cols, -1)[:, :, cols // 2:]
         return err.mean()
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the frozen model computes in (fp8 storage is upcast to it): the one :meth:`load` was given."""
+        dtype = self.__dict__.get("dtype")
+        if dtype is None:  # a subclass with its own load(): the compute dtype of x_embedder (never fp8-stored)
+            dtype = self.transformer.x_embedder.weight.dtype
+        return dtype
 
     def tokens_per_sample(self) -> int:
         from ... import canvas as cv
@@ -332,18 +370,23 @@ class DSDLoRAMethod(TrainingMethod):
 
         lora, lora_config = self.lora_state()
         c_embedder = {k: v.detach().cpu() for k, v in self.transformer.c_embedder.state_dict().items()}
-        full = self.transformer if self.options.export_full_transformer else None
         save_dsd_model(output_dir, lora, lora_config, c_embedder, base_transformer=self.source_transformer,
-                       transformer_config=dict(self.transformer.config), full_transformer=full,
-                       dtype=next(p for p in self.transformer.parameters() if not p.requires_grad).dtype)
+                       transformer_config=dict(self.transformer.config),
+                       standalone=self.options.export_full_transformer, dtype=self.compute_dtype())
 
     def validation_images(self, records, step: int) -> list:
         """One image per pair: reference | target | generated (the right panel, seed ``validation_seed``)."""
+        size = self.config.panel_size
+        try:
+            return self._render(records, size)
+        finally:
+            self._offload_encoders()
+
+    def _render(self, records, size) -> list:
         import PIL.Image
 
         from ...image import prepare_reference
 
-        size = self.config.panel_size
         out = []
         for r in records:
             ref = prepare_reference(r.open("reference"), size, size)
