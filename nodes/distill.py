@@ -173,7 +173,7 @@ class DSDDistillStudent:
     def distill(self, dsd_model, student, dataset, steps, learning_rate, lambda_out, lambda_feat, batch_size,
                 panel_size, output_name):
         from dsd_core.distill.api import distill
-        from dsd_core.distill.evaluate import loss_curve
+        from dsd_core.training.plot import loss_plot
         from dsd_core.distill.method import DistillOptions
         from dsd_core.errors import DSDError
         from dsd_core.image import pil_to_tensor
@@ -196,7 +196,7 @@ class DSDDistillStudent:
         def on_step(p):
             losses.append((p.step, p.loss))
             if bar is not None:
-                bar.update_absolute(p.step, p.total_steps, ("JPEG", loss_curve(losses), 512))
+                bar.update_absolute(p.step, p.total_steps, ("JPEG", loss_plot(losses, 512, 256), 512))
 
         _comfy.make_room(device)
         result, _ = distill(cfg, options, callback=on_step, should_stop=_should_stop, progress_bar=False)
@@ -206,7 +206,7 @@ class DSDDistillStudent:
         handle = LazyPipeline(PipelineSpec(source=FolderSource(base=base, model=out, local_files_only=True),
                                            dtype=dsd_model.spec.dtype, device=dsd_model.spec.device,
                                            memory=dsd_model.spec.memory, speed=dsd_model.spec.speed))
-        return (handle, out, pil_to_tensor(loss_curve(result.losses)))
+        return (handle, out, pil_to_tensor(loss_plot(result.losses)))
 
 
 def _should_stop() -> bool:

@@ -175,7 +175,7 @@ def test_pruned_student_round_trips_through_save_load_and_the_pipeline(setup, tm
 
 def test_on_device_chain_through_the_cli(setup, tmp_path, capsys):
     """teacher -> teacher-painted pairs -> pruned student (importance) -> distil (YAML) -> fp8 storage + DSD LoRA
-    personalisation of the student -> generate, and the evaluation report."""
+    personalisation of the student (the `train` command) -> generate, and the evaluation report."""
     from PIL import Image
 
     from dsd_core.cli import main
@@ -207,13 +207,10 @@ def test_on_device_chain_through_the_cli(setup, tmp_path, capsys):
     assert read_student_info(str(distilled / "transformer"))["kept_double"] == info["kept_double"]
 
     # personalise on the device: DSD LoRA training of the student with fp8 transformer weights (the 16gb preset)
-    from dsd_core.training.methods.dsd_lora import DSDLoRAOptions
-
-    cfg = TrainConfig(data=setup["data"], base=setup["base"], from_flux=str(distilled / "transformer"),
-                      output=str(tmp_path / "personal"), panel_size=PANEL, min_image_size=16, max_steps=2, cpu=True,
-                      checkpoint_every=0, validate_every=0, local_files_only=True, memory="16gb")
-    lora_method = get_method("dsd-lora")(cfg, DSDLoRAOptions(rank=2, alpha=2, max_sequence_length=16))
-    Trainer(cfg, lora_method, progress_bar=False).train()
+    assert main(["train", "--method", "dsd-lora", "--data", setup["data"], "--from-flux",
+                 str(distilled / "transformer"), "--output", str(tmp_path / "personal"), "--memory", "16gb",
+                 "--max-steps", "2", "--cpu", "--checkpoint-every", "0", "--validate-every", "0", "--rank", "2",
+                 "--alpha", "2", "--max-sequence-length", "16", "--min-image-size", "16", "--quiet", *common]) == 0
     out_png = tmp_path / "gen.png"
     assert main(["generate", "--image", str(refs / "ref0.png"), "--prompt", "the cat on a beach", "--out",
                  str(out_png), "--base", setup["base"], "--model", str(tmp_path / "personal"), "--memory", "16gb",

@@ -164,30 +164,3 @@ def size_report(student, teacher=None, path: str | None = None) -> dict:
         out["file_bytes"] = file_size(path)
     return out
 
-
-def loss_curve(losses: list[tuple[int, float]], width: int = 512, height: int = 256):
-    """A plain loss-per-step plot (PIL image, log-free linear axes) for progress displays."""
-    import PIL.Image
-    import PIL.ImageDraw
-
-    image = PIL.Image.new("RGB", (width, height), (255, 255, 255))
-    draw = PIL.ImageDraw.Draw(image)
-    pad = 24
-    draw.rectangle([pad, pad // 2, width - pad // 2, height - pad], outline=(160, 160, 160))
-    if not losses:
-        draw.text((pad + 4, pad), "no steps yet", fill=(0, 0, 0))
-        return image
-    steps = [s for s, _ in losses]
-    values = [v for _, v in losses]
-    lo, hi = min(values), max(values)
-    span_s, span_v = max(steps[-1] - steps[0], 1), max(hi - lo, 1e-12)
-    x = lambda s: pad + (s - steps[0]) / span_s * (width - 1.5 * pad)  # noqa: E731
-    y = lambda v: height - pad - (v - lo) / span_v * (height - 1.5 * pad)  # noqa: E731
-    points = [(x(s), y(v)) for s, v in losses]
-    if len(points) > 1:
-        draw.line(points, fill=(200, 40, 40), width=2)
-    else:
-        draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=(200, 40, 40))
-    draw.text((pad + 4, pad // 2 + 2), f"loss {values[-1]:.4f} at step {steps[-1]} (min {lo:.4f}, max {hi:.4f})",
-              fill=(0, 0, 0))
-    return image
