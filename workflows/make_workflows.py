@@ -374,8 +374,8 @@ def distill() -> tuple[list[Node], list[tuple]]:
         Node(7, "SaveImage", dict(filename_prefix="dsd_distill_student"), {"images": (6, 0)}, pos=(1620, 80),
              size=(400, 440)),
         Node(9, "DSDCompareStudent", dict(pairs=2, steps=28, seed=0, panel_size=512),
-             {"dsd_model": (2, 0), "student": (5, 1), "dataset": (3, 0)}, pos=(1200, 560), size=(360, 220)),
-        Node(10, "SaveImage", dict(filename_prefix="dsd_distill_compare"), {"images": (9, 0)}, pos=(1620, 560),
+             {"dsd_model": (2, 0), "student": (5, 1), "dataset": (3, 0)}, pos=(1200, 600), size=(360, 220)),
+        Node(10, "SaveImage", dict(filename_prefix="dsd_distill_compare"), {"images": (9, 0)}, pos=(1620, 600),
              size=(600, 320), title="reference | teacher | student"),
     ]
     notes = [
