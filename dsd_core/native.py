@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,22 +89,15 @@ def read_c_embedder(path, dtype: torch.dtype | None = torch.float32) -> CEmbedde
 
 def save_c_embedder(emb: CEmbedder, out_path) -> str:
     """Write the patch file (``c_embedder.weight`` + ``c_embedder.bias``, stored dtype kept) atomically."""
-    from safetensors.torch import save_file
+    from .files import save_safetensors
 
     out_path = os.path.abspath(os.path.expanduser(os.fspath(out_path)))
     if not out_path.endswith(".safetensors"):
         raise InputError(f"{out_path}: the patch is written as safetensors; name it *.safetensors.")
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     meta = {"dsd_c_embedder": json.dumps({"source": os.path.basename(emb.source), "hidden_size": emb.hidden_size})}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out_path), prefix=".c_embedder-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"c_embedder.weight": emb.weight.contiguous(), "c_embedder.bias": emb.bias.contiguous()}, tmp,
-                  metadata=meta)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_safetensors({"c_embedder.weight": emb.weight.contiguous(), "c_embedder.bias": emb.bias.contiguous()},
+                     out_path, metadata=meta)
     return out_path
 
 

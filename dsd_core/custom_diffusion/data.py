@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +40,7 @@ import PIL.Image
 import torch
 
 from ..errors import InputError
+from ..files import atomic_path
 from .delta_file import is_dsd
 from .tokens import find_tokens
 
@@ -249,14 +249,8 @@ def ensure_class_images(pipe, prompt: str, count: int, folder: str, seed: int = 
             else:
                 image = pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                              generator=torch.Generator("cpu").manual_seed(seed + k)).images[0]
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-            os.close(fd)
-            try:
+            with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
         out.append((path, prompt))
         if progress is not None:
             progress(k + 1, count)

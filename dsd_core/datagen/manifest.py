@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 from ..errors import InputError
 from ..training.io import atomic_write_text  # noqa: F401  (re-exported for the datagen modules)
@@ -30,18 +29,11 @@ STAGES = ("grid", "panels", "curated", "captioned")
 
 
 def atomic_save_image(image, path: str) -> None:
-    """Save a PIL image as PNG atomically (temp file, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
+    """Save a PIL image as PNG atomically, with the user's umask (:func:`dsd_core.files.atomic_path`)."""
+    from ..files import atomic_path
+
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def stage_reached(record: dict | None, stage: str) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 
@@ -19,34 +18,17 @@ _TUPLE = "__tuple__"
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``text`` atomically with the user's umask (:func:`dsd_core.files.write_text`)."""
+    from ..files import write_text
+
+    write_text(path, text)
 
 
 def atomic_save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
-    """``safetensors.torch.save_file`` to a temporary file, then rename."""
-    from safetensors.torch import save_file
+    """``safetensors.torch.save_file`` atomically with the user's umask (:func:`dsd_core.files.save_safetensors`)."""
+    from ..files import save_safetensors
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata=metadata)
 
 
 def _flatten(obj, tensors: dict, prefix: str):
