@@ -29,7 +29,7 @@ COMMANDS = [
     "dsd_core.datagen.cli",  # datagen
     "dsd_core.custom_diffusion.cli",  # custom-diffusion train|merge|compress|generate
     "dsd_core.distill.cli",  # distill data|prune|train|eval
-    "dsd_core.native_cli",  # extract-c-embedder, compare-transformers
+    "dsd_core.commands.native",  # extract-c-embedder, compare-transformers
 ]
 
 #: Loggers of other libraries whose warnings say nothing a user of this CLI can act on (shown with ``-v``).

@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from . import native
+    from .. import native
 
     if args.command == "extract-c-embedder":
         path = native.extract_c_embedder(args.transformer, args.out)
