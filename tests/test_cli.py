@@ -147,6 +147,7 @@ def test_generate_with_prompt_enhancement(tiny_model, tmp_path):
     ENV["DSD_CACHE_DIR"] = str(tmp_path / "cache")
     res = cli(*args, "--out", str(tmp_path / "nokey.png"))
     assert "prompt not enhanced" in res.stderr and "key" in res.stderr.lower()
+    assert res.stderr.count("fell back") == 1, res.stderr  # said once, not by the logger and the CLI
     assert json.loads(PIL.Image.open(tmp_path / "nokey.png").text["dsd"])["prompt"] == "this fox on a beach"
 
     secret = "AIzaTEST-cli-secret-0123456789"

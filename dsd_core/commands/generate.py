@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -218,8 +219,13 @@ def run(args) -> int:
     if args.enhance_prompt:
         from ..prompt import enhance_prompt
 
-        result = enhance_prompt(reference, prompt, backend=args.enhance_prompt, model=args.enhance_model,
-                                local_model_path=args.local_vlm)
+        api_log = logging.getLogger("dsd_core.prompt.api")
+        level, api_log.level = api_log.level, logging.ERROR  # the fallback is printed below, once
+        try:
+            result = enhance_prompt(reference, prompt, backend=args.enhance_prompt, model=args.enhance_model,
+                                    local_model_path=args.local_vlm)
+        finally:
+            api_log.setLevel(level)
         if result.enhanced:
             print(f"enhanced prompt ({result.backend}{', cached' if result.cached else ''}): {result.prompt}")
             prompt = result.prompt
