@@ -346,9 +346,15 @@ def check_transformer_folder(transformer_dir: str, init_condition_embedder: bool
     from .single_file.checkpoint import check_against_model
     from .transformer import DSDTransformer2DModel
 
+    from .transformer import read_transformer_link
+
     fix = "download the transformer/ folder of primecai/dsd_model again"
     config = transformer_config(transformer_dir)
     files = safetensors_files(transformer_dir, "the DSD transformer", fix)
+    link = read_transformer_link(transformer_dir)  # a trained model: its c_embedder + the base transformer's weights
+    if link is not None:
+        files = safetensors_files(link["base_transformer"], "the linked base transformer",
+                                  "restore the base transformer the model was trained from") + files
     state = header_state(files, "DSD transformer", fix)
     if "c_embedder.weight" not in state:
         if not init_condition_embedder:

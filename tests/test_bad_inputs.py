@@ -409,7 +409,7 @@ def _sample(handle, image, **kw):
     args = dict(prompt="a cat", seed=3, steps=1, guidance=3.5, image_guidance=1.0, text_guidance=1.0,
                 panel_size=64, batch_size=1, lora_scale=1.0)
     args.update(kw)
-    return nodes.NODE_CLASS_MAPPINGS["DSDSampler"]().sample(handle, image, **args)
+    return nodes.NODE_CLASS_MAPPINGS["DSDSampler"]().sample(handle, image, **args)["result"]
 
 
 NODE_CASES = [
@@ -434,7 +434,7 @@ def test_sampler_node_accepts_an_odd_reference_with_a_sane_image(tiny_pipe):
 
     rgba = PIL.Image.new("RGBA", (80, 50), (0, 0, 0, 0))
     rgba.paste((250, 20, 20, 255), (10, 10, 40, 40))
-    images, references, prompt = _sample(_handle(tiny_pipe), pil_to_tensor(to_rgb(rgba)))
+    images, references, prompt, notes = _sample(_handle(tiny_pipe), pil_to_tensor(to_rgb(rgba)))
     assert images.shape == (1, 64, 64, 3) and torch.isfinite(images).all() and images.std() > 0
     assert prompt == "a cat"
 

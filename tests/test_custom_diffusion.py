@@ -562,9 +562,9 @@ def test_nodes_train_with_interrupt_then_resume_compress_merge_apply_and_sample(
     sampler = nodes.NODE_CLASS_MAPPINGS["DSDSampler"]()
     args = dict(seed=3, steps=2, guidance=3.5, image_guidance=1.0, text_guidance=1.0, panel_size=SIZE, batch_size=1,
                 lora_scale=1.0)
-    plain = sampler.sample(handle, image, prompt="photo of a toy", **args)[0]
-    tuned = sampler.sample(with_concept, image, prompt="photo of a <new1> toy", **args)[0]
+    plain = sampler.sample(handle, image, prompt="photo of a toy", **args)["result"][0]
+    tuned = sampler.sample(with_concept, image, prompt="photo of a <new1> toy", **args)["result"][0]
     assert (tuned - plain).abs().max() > 1e-3
-    assert torch.equal(sampler.sample(handle, image, prompt="photo of a toy", **args)[0], plain)  # model unchanged
+    assert torch.equal(sampler.sample(handle, image, prompt="photo of a toy", **args)["result"][0], plain)  # model unchanged
     with pytest.raises(InputError, match="<new3>"):
         sampler.sample(with_concept, image, prompt="photo of a <new3> toy", **args)

@@ -60,7 +60,7 @@ def test_distillation_nodes_chain(comfy_dirs, monkeypatch):
     assert curve.shape[-1] == 3 and curve.shape[0] == 1
     # the distilled student is an ordinary DSD model for the loader and the sampler (its LoRA is fused)
     assert "tiny_student_distilled" in get("DSDModelLoader").INPUT_TYPES()["required"]["model"][0]
-    out = get("DSDSampler")().sample(handle, images[:1], "a cat", 0, 2, 3.5, 1.0, 1.0, 64, 1, 1.0)[0]
+    out = get("DSDSampler")().sample(handle, images[:1], "a cat", 0, 2, 3.5, 1.0, 1.0, 64, 1, 1.0)["result"][0]
     assert out.shape == (1, 64, 64, 3) and handle.get().transformer.config.num_layers == 1
     grid, report = get("DSDCompareStudent")().compare(teacher, folder, dataset, 2, 2, 0, 64)
     assert tuple(grid.shape) == (1, 128, 192, 3)

@@ -71,9 +71,9 @@ def test_train_cancel_resume_sample_save_plot(comfy, monkeypatch, reference_imag
     assert loss["steps"] == [1, 2, 3, 4] and len(loss["loss"]) == 4
     assert read_loss_csv(os.path.join(output, "logs", "loss.csv"))[-1][0] == 4
 
-    images, _, _ = node_map["DSDSampler"]().sample(handle, reference_image, prompt=CAPTION, seed=0, steps=2,
-                                                   guidance=3.5, image_guidance=1.0, text_guidance=1.0,
-                                                   panel_size=256, batch_size=1, lora_scale=1.0)
+    images = node_map["DSDSampler"]().sample(handle, reference_image, prompt=CAPTION, seed=0, steps=2,
+                                             guidance=3.5, image_guidance=1.0, text_guidance=1.0,
+                                             panel_size=256, batch_size=1, lora_scale=1.0)["result"][0]
     assert images.shape == (1, 256, 256, 3) and torch.isfinite(images).all()
 
     plot = node_map["DSDPlotLoss"]().plot(loss, 400, 200)[0]
@@ -85,9 +85,9 @@ def test_train_cancel_resume_sample_save_plot(comfy, monkeypatch, reference_imag
     choices = node_map["DSDModelLoader"].INPUT_TYPES()["required"]["model"][0]
     assert {"trained", "snapshot"} <= set(choices)
     loaded = node_map["DSDModelLoader"]().load("snapshot", DEFAULT_BASE_NAME, "float32", "full", "exact", False)[0]
-    again, _, _ = node_map["DSDSampler"]().sample(loaded, reference_image, prompt=CAPTION, seed=0, steps=2,
-                                                  guidance=3.5, image_guidance=1.0, text_guidance=1.0,
-                                                  panel_size=256, batch_size=1, lora_scale=1.0)
+    again = node_map["DSDSampler"]().sample(loaded, reference_image, prompt=CAPTION, seed=0, steps=2,
+                                            guidance=3.5, image_guidance=1.0, text_guidance=1.0,
+                                            panel_size=256, batch_size=1, lora_scale=1.0)["result"][0]
     torch.testing.assert_close(again, images, rtol=1e-4, atol=1e-4)
 
 

@@ -143,7 +143,7 @@ def test_broken_input_gives_execution_error_and_server_keeps_serving(engine, com
 @pytest.mark.parametrize("field,value", [("memory", "huge"), ("speed", "turbo"), ("dtype", "int8")])
 def test_invalid_loader_setting_fails_at_validation(engine, comfy, field, value):
     """A bad memory / speed / dtype in an API workflow is refused when queued (HTTP 400), not at the first run."""
-    bad = unique(api_workflows()["dsd_basic.api.json"])
+    bad = unique(api_workflows()["dsd_basic.json"])
     bad["2"]["inputs"][field] = value
     with pytest.raises(PromptError) as e:
         comfy.queue_prompt(bad)
