@@ -12,6 +12,7 @@ import torch
 from dsd_core.distill.layout import StudentLayout
 from dsd_core.distill.student import build_student, load_teacher, read_student_info
 from dsd_core.errors import InputError
+from dsd_core.memory import MemoryConfig
 from dsd_core.training import TrainConfig, Trainer, TrainingCancelled, get_method
 from dsd_core.training.data import load_pairs
 
@@ -165,7 +166,7 @@ def test_pruned_student_round_trips_through_save_load_and_the_pipeline(setup, tm
     # the full-keep student of the fused teacher generates the teacher's image (fused-LoRA pipeline)
     full = build_student(teacher, StudentLayout.for_teacher(teacher, "full"))
     teacher_pipe = load_pipeline(base=setup["base"], model=setup["model"], dtype="float32", device="cpu",
-                                 local_files_only=True, memory={"fuse_lora": True})
+                                 local_files_only=True, memory=MemoryConfig(fuse_lora=True))
     teacher_pipe.set_progress_bar_config(disable=True)
     same = DSDPipeline(**{**teacher_pipe.components, "transformer": full})
     same.set_progress_bar_config(disable=True)
