@@ -560,7 +560,7 @@ def test_nodes_train_with_interrupt_then_resume_compress_merge_apply_and_sample(
     assert words == "<new1>, <new2>"
     image = pil_to_tensor(reference_image(seed=9))
     sampler = nodes.NODE_CLASS_MAPPINGS["DSDSampler"]()
-    args = dict(seed=3, steps=2, guidance=3.5, image_guidance=1.0, text_guidance=1.0, panel_size=SIZE, batch_size=1,
+    args = dict(seed=3, steps=2, guidance=3.5, image_guidance=1.0, text_guidance=1.0, panel_size=64, batch_size=1,
                 lora_scale=1.0)
     plain = sampler.sample(handle, image, prompt="photo of a toy", **args)["result"][0]
     tuned = sampler.sample(with_concept, image, prompt="photo of a <new1> toy", **args)["result"][0]
