@@ -176,7 +176,8 @@ def test_pruned_student_round_trips_through_save_load_and_the_pipeline(setup, tm
 
 def test_on_device_chain_through_the_cli(setup, tmp_path, capsys):
     """teacher -> teacher-painted pairs -> pruned student (importance) -> distil (YAML) -> fp8 storage + DSD LoRA
-    personalisation of the student (the `train` command) -> generate, and the evaluation report."""
+    personalisation of the student (the `train` command) -> generate; Custom Diffusion on the student (tune a concept,
+    generate with it); and the evaluation report."""
     from PIL import Image
 
     from dsd_core.cli import main
@@ -218,6 +219,26 @@ def test_on_device_chain_through_the_cli(setup, tmp_path, capsys):
                  "--steps", "2", "--height", str(PANEL), "--width", str(2 * PANEL), "--seed", "1", "--offline",
                  "--quiet"]) == 0
     assert Image.open(out_png).size == (PANEL, PANEL)
+
+    # Custom Diffusion on the student, unchanged: tune a concept into the distilled model, generate with it
+    import yaml
+
+    concept_dir = tmp_path / "concept"
+    concept_dir.mkdir()
+    for k in range(2):
+        reference_image(64, 64, seed=60 + k).save(concept_dir / f"c{k}.png")
+    cd = dict(mode="dsd", base=setup["base"], model=str(distilled), output=str(tmp_path / "cd"),
+              instance_dir=str(concept_dir), instance_prompt="photo of a <new1> cat", cpu=True, max_steps=1,
+              min_image_size=16, panel_size=PANEL, num_class_images=1, class_steps=1, rank=2, max_sequence_length=16,
+              local_files_only=True, gradient_checkpointing=False)
+    (tmp_path / "cd.yaml").write_text(yaml.safe_dump(cd))
+    assert main(["custom-diffusion", "train", "--config", str(tmp_path / "cd.yaml")]) == 0
+    cd_png = tmp_path / "cd.png"
+    assert main(["custom-diffusion", "generate", "--concept", str(tmp_path / "cd" / "concept.safetensors"),
+                 "--prompt", "this <new1> cat on a beach", "--image", str(refs / "ref0.png"), "--out", str(cd_png),
+                 "--size", str(PANEL), "--steps", "1", "--mode", "dsd", "--base", setup["base"], "--model",
+                 str(distilled), "--dtype", "float32", "--device", "cpu", "--offline"]) == 0
+    assert Image.open(cd_png).size == (PANEL, PANEL)
 
     report_dir = tmp_path / "report"
     assert main(["distill", "eval", "--model", setup["model"], "--student", str(distilled / "transformer"),
