@@ -219,6 +219,11 @@ def test_on_device_chain_through_the_cli(setup, tmp_path, capsys):
                  "--steps", "2", "--height", str(PANEL), "--width", str(2 * PANEL), "--seed", "1", "--offline",
                  "--quiet"]) == 0
     assert Image.open(out_png).size == (PANEL, PANEL)
+    # the student itself stored as int8 (torchao), as a device with little memory would load it
+    assert main(["generate", "--image", str(refs / "ref0.png"), "--prompt", "the cat on a beach", "--out",
+                 str(tmp_path / "int8.png"), "--base", setup["base"], "--model", str(distilled),
+                 "--transformer-weights", "int8", "--steps", "1", "--height", str(PANEL), "--width", str(2 * PANEL),
+                 "--seed", "1", "--offline", "--quiet"]) == 0
 
     # Custom Diffusion on the student, unchanged: tune a concept into the distilled model, generate with it
     import yaml
