@@ -1,7 +1,7 @@
 """Writing files: atomically (temp file in the same folder, then ``os.replace``) and with the user's umask.
 
 Every file the package writes for the user goes through here: PNGs, safetensors, caches, model folders. A writer
-killed between writing and renaming leaves a hidden temp file; the next write into that folder removes it. Two traps
+killed between writing and renaming leaves a hidden temp file; a later process's first write into that folder removes it. Two traps
 this module exists for: ``tempfile.mkstemp`` creates files 0600 and ``TemporaryDirectory`` folders 0700 whatever
 the umask, and ``safetensors.torch.save_file`` creates 0600 files too; either makes outputs unreadable to a ComfyUI
 (or web server) running as another user. Here temp files are created with ``os.open(..., 0o666)`` so the kernel
@@ -54,6 +54,11 @@ def _temp_name(path: str) -> str:
     return os.path.join(folder, f"{temp_prefix()}{secrets.token_hex(6)}-{name}")
 
 
+#: Folders this process has already cleaned of killed writers' temp files (a folder is listed once, not per write: a
+#: data-generation folder with thousands of images would otherwise be listed again for every image).
+_CLEANED: set[str] = set()
+
+
 def remove_stale_temp_files(folder: str, min_age_s: float = 60.0) -> int:
     """Remove temp files left in ``folder`` by a writer that was killed before its rename: files named like
     :func:`temp_prefix` whose process no longer exists and that are older than ``min_age_s``. Returns the count."""
@@ -100,7 +105,9 @@ def atomic_path(path: str):
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    remove_stale_temp_files(folder)
+    if folder not in _CLEANED:
+        remove_stale_temp_files(folder)
+        _CLEANED.add(folder)
     tmp = _temp_name(path)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
