@@ -310,43 +310,92 @@ def wide_pipe(flux_pipe):
     return FluxPipeline(**{k: v for k, v in flux_pipe.components.items() if k != "transformer"}, transformer=t)
 
 
-def test_merge_reproduces_each_concept_and_moves_generic_prompts_least(wide_pipe):
+def fine_tuned_concept(pipe, token, word, seed, steps=30) -> ConceptFile:
+    """A concept tuned the way training tunes it: CD's flow-matching objective on "photo of a <token> <word>" and a
+    fixed random latent ("the concept's images"), deltas (rank 2) and token trained together with Adam. Like real
+    fine-tuning, the deltas then also act on the caption's other words, which generic prompts share."""
+    from dsd_core.custom_diffusion.objective import flow_matching_loss
+
+    t = pipe.transformer
+    g = torch.Generator().manual_seed(seed)
+    deltas = ConceptDeltas.create(t, ParameterSet(rank=2), seed=seed)
+    tokens = ModifierTokens.from_words(pipe, [token], [word])
+    latents = torch.randn(2, 16, 4, 4, generator=g)
+    opt = torch.optim.Adam(list(deltas.parameters()) + list(tokens.parameters()), lr=3e-2)
+    tokens.attach(pipe)
+    deltas.attach(t)
+    try:
+        for _ in range(steps):
+            embeds, pooled, ids = pipe.encode_prompt(f"photo of a {token} {word}", None, max_sequence_length=32)
+            loss = flow_matching_loss(t, latents, None, embeds.expand(2, -1, -1), pooled.expand(2, -1), ids,
+                                      torch.rand(2, generator=g), torch.randn(latents.shape, generator=g)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        deltas.detach()
+        tokens.detach()
+    tokens.requires_grad_(False)
+    deltas.requires_grad_(False)
+    return ConceptFile(deltas, tokens, base_probe(t, deltas.names), {"base_kind": "flux"})
+
+
+MERGE_REG = ["a photo of a city street", "a bowl of fruit on a table", "a dog on the beach", "a red car",
+             "portrait of a man with a hat", "a forest in autumn", "a cup of coffee", "a mountain lake at sunrise",
+             "an oil painting of a ship", "a bird on a branch", "a train at a station", "a teddy bear on a bed"]
+HELD_OUT = ["a photo of a horse", "a glass of juice on a desk", "a snowy village", "a lighthouse by the sea"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_merge_reproduces_each_concept_and_moves_generic_prompts_less_than_averaging(wide_pipe, seed):
+    """CD's claim for its merge, on two concepts tuned separately (both as ``<new1>``, so one is renamed).
+
+    Stated tolerances: each concept's layer outputs on its own words reproduced within 1e-4 (relative); generic
+    prompts' layer outputs moved (sum over layers of ||dW x||^2) at most 0.25x as much as by naive averaging of the
+    two deltas on the regularisation prompts, and at most 0.6x on generic prompts the merge never saw. Measured over
+    seeds 0-11: 0.02-0.08x and 0.12-0.40x (constraint error ~1e-6), while averaging loses >20% of each concept.
+    """
     from dsd_core.custom_diffusion.merge import LayerFeatures, solve_layer
 
-    a = random_concept(wide_pipe, "<new1>", seed=10)
-    b = random_concept(wide_pipe, "<new1>", seed=11)  # same token name: renamed to <new2>
-    reg = ["a photo of a city street", "a bowl of fruit on a table", "a dog on the beach", "a red car",
-           "portrait of a man with a hat", "a forest in autumn"]
-    result = merge(wide_pipe, [a, b], reg, ridge=1e-3, sigmas=(0.5,), size=SIZE, max_sequence_length=32)
+    a = fine_tuned_concept(wide_pipe, "<new1>", "cat", 100 + seed)
+    b = fine_tuned_concept(wide_pipe, "<new1>", "dog", 200 + seed)  # same token name: renamed to <new2>
+    result = merge(wide_pipe, [a, b], MERGE_REG, ridge=1e-3, sigmas=(0.5,), size=SIZE, max_sequence_length=32)
     assert result.renames == [{}, {"<new1>": "<new2>"}]
     assert result.concept.token_names == ["<new1>", "<new2>"]
-    # stated tolerance: each concept's layer outputs on its own words within 1e-4 (relative)
     assert max(result.constraint_error.values()) < 1e-4
-    # the same features again, to compare with other ways of combining the two deltas
+    # the same features again (the regularisation prompts and unseen generic ones), to compare combinations
     layers = {x.target.name: x.target.rows for x in a.deltas.layers}
-    targets = [[(p.format(token=t, word="cat"), f"{t} cat") for p in ("{token} {word}", "photo of a {token} {word}")]
-               for t in ("<new1>", "<new2>")]
+    targets = [[(p.format(token=t, word=w), f"{t} {w}") for p in ("{token} {word}", "photo of a {token} {word}")]
+               for t, w in (("<new1>", "cat"), ("<new2>", "dog"))]
     result.concept.tokens.attach(wide_pipe)
     try:
-        feats = collect_features(wide_pipe, layers, reg, targets, sigmas=(0.5,), size=SIZE, max_sequence_length=32)
+        feats = collect_features(wide_pipe, layers, MERGE_REG, targets, sigmas=(0.5,), size=SIZE,
+                                 max_sequence_length=32)
+        held = collect_features(wide_pipe, layers, HELD_OUT, targets, sigmas=(0.5,), size=SIZE,
+                                max_sequence_length=32)
     finally:
         result.concept.tokens.detach()
-    merged_by, naive_by = result.concept.deltas.by_name(), average([a, b]).deltas.by_name()
-    moved_merged = moved_other = 0.0
+
+    def moved(mats, features):
+        return sum(float(torch.trace(m.double() @ features[n].gram @ m.double().T)) for n, m in mats.items())
+
+    merged = {n: d.matrix() for n, d in result.concept.deltas.by_name().items()}
+    naive = {n: d.matrix() for n, d in average([a, b]).deltas.by_name().items()}
+    other = {}
     for name in layers:
         f = feats[name]
         dense = [a.deltas.by_name()[name].matrix(), b.deltas.by_name()[name].matrix()]
-        # any other delta that also reproduces both concepts (here: the minimum-norm one) moves generic prompts more
+        # another delta that also reproduces both concepts (the minimum-norm one, blind to generic prompts)
         up, down = solve_layer(LayerFeatures(torch.zeros_like(f.gram), 0, f.concept_rows), dense, ridge=1.0)
-        other = (up @ down).double()
-        merged = merged_by[name].matrix().double()
-        moved_merged += float(torch.trace(merged @ f.gram @ merged.T))
-        moved_other += float(torch.trace(other @ f.gram @ other.T))
-        # naive averaging does not keep the concepts: half of each delta's effect on its own words is lost
-        c0 = f.concept_rows[0].float()
-        want = c0 @ dense[0].T
-        assert float((c0 @ naive_by[name].matrix().T - want).norm() / want.norm()) > 0.2
-    assert moved_merged < moved_other, (moved_merged, moved_other)
+        other[name] = up @ down
+        # naive averaging does not keep the concepts: a good part of each delta's effect on its own words is lost
+        for i in (0, 1):
+            c = f.concept_rows[i].float()
+            want = c @ dense[i].T
+            assert float((c @ naive[name].T - want).norm() / want.norm()) > 0.2
+    assert moved(merged, feats) < 0.25 * moved(naive, feats), (moved(merged, feats), moved(naive, feats))
+    assert moved(merged, held) < 0.6 * moved(naive, held), (moved(merged, held), moved(naive, held))
+    assert moved(merged, feats) < moved(other, feats)
 
 
 # ---------------------------------------------------------------------------------------------- training (engine)
