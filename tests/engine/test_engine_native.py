@@ -9,10 +9,9 @@ wrapped by the test pack's ``DSDTestTinyUNETLoader``: 0.3.75's FLUX detection ha
 big to build offline); the wrapper only sets ``num_heads = hidden // 128`` as ComfyUI 0.33 does itself. ``dsd_core`` runs with ``condition_sampling="mode"``
 (ComfyUI's VAE encode returns the posterior mode) and one image (ComfyUI draws a batch's noise as one tensor).
 
-Tolerance: max |native - dsd_core| <= 1e-5 on images in [0, 1] (measured 1.3e-6 to 1.7e-6 on both engines; float32 on
-CPU; the remaining difference is float
-rounding: ComfyUI adds x- and c-embeddings in one matmul, steps Euler on denoised predictions and batches the three
-guidance passes).
+Tolerance: max |native - dsd_core| <= 1e-5 on images in [0, 1] (measured 1.3e-6 to 1.7e-6 on both engines; float32
+on CPU; the remaining difference is float rounding: ComfyUI adds x- and c-embeddings in one matmul, steps Euler on
+denoised predictions and batches the three guidance passes).
 """
 
 from __future__ import annotations
