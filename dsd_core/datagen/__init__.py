@@ -23,17 +23,12 @@ processes (``accelerate launch``), :mod:`.cli` is ``python -m dsd_core datagen``
 
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 #: public name -> submodule; imported on first use, so ``import dsd_core.datagen`` (and the CLI's parser) stays light
 _EXPORTS = {"LAYOUTS": "config", "DatagenConfig": "config", "Layout": "config", "Curator": "curation",
             "Verdict": "curation", "parse_verdict": "curation", "GridPrompt": "grid_prompts",
             "build_prompt": "grid_prompts", "make_grid_prompts": "grid_prompts", "read_captions": "grid_prompts",
             "ordered_pairs": "panel_split", "split_grid": "panel_split", "Hooks": "run", "run_datagen": "run"}
-__all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

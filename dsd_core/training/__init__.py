@@ -19,15 +19,10 @@ Quick use::
 
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 #: public name -> submodule; imported on first use, so ``import dsd_core.training`` (and the CLI's parser) stays light
 _EXPORTS = {"TrainConfig": "config", "TrainingCancelled": "engine", "TrainProgress": "engine", "TrainResult": "engine",
             "Trainer": "engine", "METHODS": "methods", "TrainingMethod": "methods", "get_method": "methods"}
-__all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)
