@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..training.config import _f
-from ..training.methods.options import TIMESTEP_SAMPLING
+from ..training.methods.options import NoiseOptions
 from .layout import FEATURE_MAPS, PRESETS
 
 #: How massive activations (a few channels orders of magnitude above the rest) are kept out of the feature loss.
@@ -15,7 +15,7 @@ MASSIVE_MODES = ("normalize", "mask", "none")
 
 
 @dataclass
-class DistillOptions:
+class DistillOptions(NoiseOptions):
     """Distillation: the student, the objective and how inputs are drawn."""
 
     student: str = _f("", "student transformer folder from `distill prune` (empty: build it from the teacher with "
@@ -41,20 +41,9 @@ class DistillOptions:
                                        "guidance)")
     branch_image: float = _f(0.1, "share with empty prompt + reference (true guidance's image-only pass)")
     branch_uncond: float = _f(0.1, "share with empty prompt + zero condition (true guidance's unconditional pass)")
-    timestep_sampling: str = _f("flux_shift", "how noise levels are drawn (as DSD LoRA training)", TIMESTEP_SAMPLING)
-    sigmoid_scale: float = _f(1.0, "scale of the normal draw for sigmoid / logit-normal sampling")
-    logit_mean: float = _f(0.0, "mean of the logit-normal draw")
-    timestep_shift: float = _f(3.0, "fixed shift for timestep_sampling=shift")
-    condition_sampling: str = _f("sample", "condition latents: sample (VAE posterior sample) or mode",
-                                 ("sample", "mode"))
-    max_sequence_length: int = _f(512, "T5 tokens of the caption (generation: 512)")
-    validation_seed: int = _f(0, "seed of the validation images")
-    validation_guidance: float = _f(3.5, "distilled guidance of the validation images (DSD: 3.5)")
 
     def __post_init__(self):
-        from ..training.config import check_choices
-
-        check_choices(self)
+        super().__post_init__()
         branches = (self.branch_text_image, self.branch_image, self.branch_uncond)
         if min(branches) < 0 or sum(branches) <= 0:
             raise InputError("branch_text_image, branch_image and branch_uncond must be non-negative shares with a "

@@ -130,6 +130,14 @@ def check_choices(obj) -> None:
             raise InputError(f"{f.name}={getattr(obj, f.name)!r} is not one of {', '.join(map(str, choices))}.")
 
 
+def option_fields(cls) -> list:
+    """``cls``'s dataclass fields, its own first and then those it inherits (e.g. :class:`~dsd_core.training.methods.
+    options.NoiseOptions`), so flags and example files list a method's own options first."""
+    own = cls.__dict__.get("__annotations__", {})
+    fs = dataclasses.fields(cls)
+    return [f for f in fs if f.name in own] + [f for f in fs if f.name not in own]
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -163,7 +171,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, *classes, title: str |
     seen = set() if seen is None else seen
     for cls in classes:
         group = parser.add_argument_group(title or cls.__doc__.splitlines()[0] if cls.__doc__ else cls.__name__)
-        for f in dataclasses.fields(cls):
+        for f in option_fields(cls):
             if f.name in seen:
                 continue
             seen.add(f.name)
@@ -264,7 +272,7 @@ def example_yaml(*classes, values: dict | None = None) -> str:
     lines = []
     for cls in classes:
         lines.append(f"# ---- {cls.__doc__.splitlines()[0] if cls.__doc__ else cls.__name__}")
-        for f in dataclasses.fields(cls):
+        for f in option_fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             default = (values or {}).get(f.name, default)
             lines.append(f"# {f.metadata.get('help', '')}")

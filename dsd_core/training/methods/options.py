@@ -22,7 +22,28 @@ LOSS_REGIONS = ("both", "target")
 
 
 @dataclass
-class DSDLoRAOptions:
+class NoiseOptions:
+    """Inputs drawn as DSD training draws them (shared by the DSD LoRA and distillation methods)."""
+
+    condition_sampling: str = _f("sample", "condition latents: sample (a VAE posterior sample, as generation) or "
+                                           "mode (the posterior mean)", ("sample", "mode"))
+    timestep_sampling: str = _f("flux_shift", "how noise levels are drawn (see dsd_core/training/methods/dsd_lora.py)",
+                                TIMESTEP_SAMPLING)
+    sigmoid_scale: float = _f(1.0, "scale of the normal draw for sigmoid / logit-normal sampling")
+    logit_mean: float = _f(0.0, "mean of the logit-normal draw")
+    timestep_shift: float = _f(3.0, "fixed shift for timestep_sampling=shift")
+    max_sequence_length: int = _f(512, "T5 tokens of the caption (generation: 512)")
+    validation_seed: int = _f(0, "seed of the validation images")
+    validation_guidance: float = _f(3.5, "distilled guidance of the validation images (DSD: 3.5)")
+
+    def __post_init__(self):
+        from ..config import check_choices
+
+        check_choices(self)
+
+
+@dataclass
+class DSDLoRAOptions(NoiseOptions):
     """DSD method: LoRA, c_embedder and the objective."""
 
     rank: int = _f(32, "LoRA rank (paper: 512 on 8x H100; 32 fits a 24 GB GPU with fp8 weights)")
@@ -34,28 +55,17 @@ class DSDLoRAOptions:
     condition_dropout: float = _f(0.1, "probability of a zero condition (teaches the unconditional branch of true "
                                        "image guidance)")
     caption_dropout: float = _f(0.1, "probability of the empty caption (teaches true text guidance's contrast)")
-    condition_sampling: str = _f("sample", "condition latents: sample (a VAE posterior sample, as generation) or "
-                                           "mode (the posterior mean)", ("sample", "mode"))
-    timestep_sampling: str = _f("flux_shift", "how noise levels are drawn (see the module docs)", TIMESTEP_SAMPLING)
-    sigmoid_scale: float = _f(1.0, "scale of the normal draw for sigmoid / logit-normal sampling")
-    logit_mean: float = _f(0.0, "mean of the logit-normal draw")
-    timestep_shift: float = _f(3.0, "fixed shift for timestep_sampling=shift")
     guidance_mode: str = _f("constant", "distilled-guidance input while training", GUIDANCE_MODES)
     guidance_value: float = _f(1.0, "guidance for guidance_mode=constant (SimpleTuner / kohya: 1.0)")
     guidance_min: float = _f(1.0, "lower bound for guidance_mode=random-range")
     guidance_max: float = _f(4.0, "upper bound for guidance_mode=random-range")
     loss_region: str = _f("both", "both: flow matching over the whole canvas (paper); target: right half only",
                           LOSS_REGIONS)
-    max_sequence_length: int = _f(512, "T5 tokens of the caption (generation: 512)")
-    validation_seed: int = _f(0, "seed of the validation images")
-    validation_guidance: float = _f(3.5, "distilled guidance of the validation images (DSD: 3.5)")
     export_full_transformer: bool = _f(False, "write a self-contained transformer/ (24 GB at full size) instead of "
                                               "c_embedder + a link to the base transformer")
 
     def __post_init__(self):
-        from ..config import check_choices
-
-        check_choices(self)
+        super().__post_init__()
         if self.rank < 1:
             raise InputError(f"rank must be at least 1, got {self.rank}.")
         for name in ("condition_dropout", "caption_dropout"):
