@@ -103,19 +103,17 @@ class DSDFluxLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from dsd_core.memory.config import PRESETS
         from dsd_core.model_store import DEFAULT_BASE_NAME, list_base_models
 
-        from dsd_core.options import DTYPE_CHOICES, DTYPE_HELP
+        from .loader import _choices, _config_inputs
 
-        from .loader import _choices
-
+        settings = _config_inputs()  # the DSD loaders' dtype and memory widgets (no speed modes for plain FLUX)
         return {"required": {
             "base": (_choices(DEFAULT_BASE_NAME, list_base_models(_comfy.folder_roots(_comfy.BASE_FOLDER))),
                      {"default": DEFAULT_BASE_NAME,
                       "tooltip": "FLUX.1-dev diffusers folder under models/diffusers, with its transformer/."}),
-            "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": DTYPE_HELP}),
-            "memory": (list(PRESETS), {"default": "full", "tooltip": _help("memory")}),
+            "dtype": settings["dtype"],
+            "memory": settings["memory"],
         }}
 
     def load(self, base, dtype, memory):
