@@ -279,6 +279,16 @@ class CustomDiffusionMethod(TrainingMethod):
                 "tokens": [c.token for c in self.concepts]}
 
     # ------------------------------------------------------------------ before the engine
+    def _process_state(self):
+        """accelerate's process state under ``accelerate launch`` (several processes), else None (one process: the
+        CLI or ComfyUI, whose accelerate state the engine resets per run)."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return None
+        import accelerate
+
+        c = self.config
+        return accelerate.PartialState(cpu=c.cpu or c.device == "cpu" or not torch.cuda.is_available())
+
     def write_dataset(self, output: str, progress=None, check_interrupt=None) -> str:
         """Class images (generated when needed) and ``OUTPUT/data/metadata.jsonl``; returns the data folder."""
         o, size = self.options, self.config.panel_size
@@ -295,13 +305,17 @@ class CustomDiffusionMethod(TrainingMethod):
                     root = o.class_cache or os.path.join(output, "class_images")
                     folder = cd_data.class_cache_dir(root, concept.class_prompt, settings)
                     self.module.deltas.detach()  # the base model makes the prior
+                    state, drawn = self._process_state(), []
                     try:
                         classes = cd_data.ensure_class_images(
                             self.pipe, concept.class_prompt, o.num_class_images, folder, o.class_seed,
                             o.class_steps, o.class_guidance, size, references=instances, progress=progress,
-                            check_interrupt=check_interrupt)
+                            check_interrupt=check_interrupt, state=state, drawn=drawn)
                     finally:
                         self.module.deltas.attach(self.pipe.transformer)
+                    who = f" (process {state.process_index} of {state.num_processes})" if state is not None else ""
+                    print(f"class images {concept.class_prompt!r}: {len(classes)} in {folder}; drew "
+                          f"{drawn if drawn else 'none'}{who}", flush=True)
             for i in range(max(len(instances), len(classes) if o.with_prior_preservation else 0)):
                 lines.append({"reference": os.path.abspath(instances[i % len(instances)]),
                               "target": os.path.abspath(classes[i % len(classes)][0]),
@@ -382,6 +396,7 @@ def train_concepts(config, options: CustomDiffusionOptions, callback=None, shoul
     output = os.path.abspath(os.path.expanduser(config.output))
     cpu = config.cpu or config.device == "cpu" or not torch.cuda.is_available()
     device = torch.device("cpu" if cpu else (config.device or "cuda"))
+    method._process_state()  # under accelerate launch: sets this process's GPU before the model moves to "cuda"
     method.load(device, frozen_dtype(config))
     check = None
     if should_stop is not None:
