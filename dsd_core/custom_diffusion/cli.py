@@ -8,6 +8,8 @@
 * ``compress IN --out OUT [--energy 0.6 | --rank R]``: SVD compression; prints file sizes, weight error and (with
   a model) the output change.
 * ``generate``: generate with concept deltas applied (DSD: ``--image`` reference; FLUX: text only).
+* ``export-comfyui DELTA --lora L.safetensors [--embeddings DIR]``: the deltas as a LoRA for ComfyUI's
+  *LoraLoaderModelOnly* and each modifier token as a textual-inversion embedding (:mod:`.export`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def add_parser(subparsers) -> None:
     _add_model_args(_add_merge(sub))
     _add_model_args(_add_compress(sub))
     _add_model_args(_add_generate(sub))
+    _add_export(sub)
 
 
 def _add_train(sub) -> None:
@@ -96,9 +99,21 @@ def _add_generate(sub):
     return p
 
 
+def _add_export(sub):
+    p = sub.add_parser("export-comfyui", help="write a concept delta as a ComfyUI LoRA (+ token embeddings)",
+                       description="The concept's transformer deltas as a LoRA that ComfyUI's LoraLoaderModelOnly "
+                                   "loads without unknown keys (text-rows deltas cannot be a LoRA and are left out, "
+                                   "with a note), and with --embeddings each modifier token as an embedding file "
+                                   "for ComfyUI's FLUX text encoders (prompt: 'photo of a embedding:new1 cat').")
+    p.add_argument("delta", help="concept delta file")
+    p.add_argument("--lora", required=True, help="LoRA file to write (e.g. ComfyUI/models/loras/cat.safetensors)")
+    p.add_argument("--embeddings", default=None, help="folder for the token embeddings (e.g. ComfyUI/models/embeddings)")
+    return p
+
+
 def run(args) -> int:
     return {"train": run_train, "merge": run_merge, "compress": run_compress,
-            "generate": run_generate}[args.cd_command](args)
+            "generate": run_generate, "export-comfyui": run_export}[args.cd_command](args)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -200,6 +215,13 @@ def run_generate(args) -> int:
     save_png(image, args.out, {"prompt": args.prompt, "seed": args.seed, "steps": args.steps, "mode": args.mode,
                                "concepts": [os.path.basename(c) for c in args.concept], "tokens": tokens})
     print(f"saved {args.out}")
+    return 0
+
+
+def run_export(args) -> int:
+    from .export import export_comfyui
+
+    print(export_comfyui(args.delta, args.lora, args.embeddings).text())
     return 0
 
 

@@ -4,8 +4,9 @@ Tensors (all float32 unless saved otherwise):
 
 * ``transformer.<layer>.lora_A.weight`` (r x in) and ``transformer.<layer>.lora_B.weight`` (out x r): low-rank
   deltas, in diffusers' peft key layout with the LoRA scale folded into ``lora_B`` (alpha = r). Ranks may differ per
-  layer (compressed or merged files). These keys load as-is with diffusers' ``pipe.load_lora_weights(file)`` and as
-  a ComfyUI LoRA;
+  layer (compressed or merged files). These keys load as-is with diffusers' ``pipe.load_lora_weights(file)``.
+  ComfyUI's LoRA loader applies them too but logs every ``concept.*`` key below as "lora key not loaded":
+  ``custom-diffusion export-comfyui`` (:mod:`.export`) writes a clean ComfyUI LoRA and the token embeddings;
 * ``concept.full.<layer>.weight`` (out x in): full-form deltas;
 * ``concept.text_rows.<layer>.lora_A.weight`` / ``lora_B.weight`` / ``weight``: single-stream ``to_k`` / ``to_v``
   deltas that act on the text rows only (no standard loader can express that; diffusers and ComfyUI skip them);
@@ -19,7 +20,8 @@ JSON), ``tokens`` (JSON list of ``{token, init_word}``), ``encoders``, ``concept
 ``rank`` (max rank, or ``full``), and ``compression`` / ``merge`` (JSON) when they apply.
 
 Note that diffusers' ``load_lora_weights`` applies only the transformer part: the modifier tokens need
-:func:`apply_concept` (or the ComfyUI node), and a native ComfyUI workflow does not know ``<new1>`` at all.
+:func:`apply_concept` (or the ComfyUI node). A native ComfyUI workflow does not know ``<new1>``; the exported
+embedding file gives its T5 vector to ComfyUI's tokenizer as ``embedding:new1`` (:mod:`.export`).
 """
 
 from __future__ import annotations

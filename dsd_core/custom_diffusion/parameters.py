@@ -18,8 +18,9 @@ initialised and ``down`` Kaiming-uniform, exactly peft's LoRA initialisation and
 Why forward hooks and not peft adapters: one mechanism covers all four cases (peft has no full-delta adapter and no
 row-masked LoRA), the base weights are never copied or modified (so a DSD LoRA loaded as a peft adapter, fp8 /
 quantised storage and offload hooks all keep working underneath), and removing a concept is exact. LoRA-form
-deltas are still written in diffusers' peft key layout (see :mod:`.delta_file`), so ``load_lora_weights`` and
-ComfyUI load them; ``tests/test_custom_diffusion.py`` checks that the two give the same output.
+deltas are still written in diffusers' peft key layout (see :mod:`.delta_file`), so ``load_lora_weights`` loads
+them (``tests/test_custom_diffusion.py`` checks that the two give the same output), and ``export-comfyui`` writes them
+as a ComfyUI LoRA (``tests/engine/test_engine_concept_lora.py``: same image as the hooks).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ import shutil
 import sys
 from pathlib import Path
 
-MODEL_SUBDIRS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras", "dsd", "diffusers", "dsd_concepts")
+MODEL_SUBDIRS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras", "dsd", "diffusers", "dsd_concepts",
+                 "embeddings")
 
 # extra ComfyUI folder names that point at the same subfolder
 FOLDER_ALIASES = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}

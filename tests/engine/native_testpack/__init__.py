@@ -10,7 +10,9 @@ native graph and ``dsd_core`` see the same text embeddings and VAE:
   ``decode``: latent -> pixels in [0, 1]), usable by stock ``VAEDecode`` and by DSD Native Conditioning;
 * ``DSDTestTinyUNETLoader`` -> the stock ``UNETLoader`` with one fix for ComfyUI 0.3.75 (CI's engine), whose FLUX
   detection hard-codes 24 heads (so only hidden 3072 loads); 0.33 computes ``hidden // 128`` as this wrapper does;
-* ``DSDTestT5TokenCount`` -> how many T5 tokens ComfyUI's real FLUX tokenizer makes with DSD Text Encode's setting.
+* ``DSDTestT5TokenCount`` -> how many T5 tokens ComfyUI's real FLUX tokenizer makes with DSD Text Encode's setting;
+* ``DSDTestFluxTokens`` -> ComfyUI's real FLUX tokenizer (CLIP-L + T5-XXL, with ``models/embeddings``) on a prompt,
+  saved as ``ids`` (-1 where an embedding vector stands) and the ``embeds`` vectors per encoder.
 """
 
 import os
@@ -136,6 +138,36 @@ class DSDTestT5TokenCount:
         return {"ui": {"text": [str(n)]}, "result": (str(n),)}
 
 
+class DSDTestFluxTokens:
+    CATEGORY = "dsd_engine_tests"
+    FUNCTION = "tokens"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"prompt": ("STRING", {"default": "a photo of a cat"}),
+                             "name": ("STRING", {"default": "tokens"})}}
+
+    def tokens(self, prompt, name):
+        import folder_paths
+        import torch
+        from comfy.text_encoders.flux import FluxTokenizer
+        from safetensors.torch import save_file
+
+        tokens = FluxTokenizer(embedding_directory=folder_paths.get_folder_paths("embeddings")).tokenize_with_weights(
+            prompt)
+        out = {}
+        for enc, batches in tokens.items():
+            seq = [t[0] for batch in batches for t in batch]
+            out[f"{enc}.ids"] = torch.tensor([-1 if isinstance(t, torch.Tensor) else int(t) for t in seq])
+            vectors = [t.float().reshape(-1) for t in seq if isinstance(t, torch.Tensor)]
+            if vectors:
+                out[f"{enc}.embeds"] = torch.stack(vectors).contiguous()
+        save_file(out, os.path.join(folder_paths.get_output_directory(), name + ".safetensors"))
+        return {"ui": {"tensor": [name]}}
+
+
 class DSDTestTinyUNETLoader:
     CATEGORY = "dsd_engine_tests"
     FUNCTION = "load"
@@ -188,4 +220,4 @@ class DSDTestSaveTensor:
 
 NODE_CLASS_MAPPINGS = {"DSDTestTinyTextEncode": DSDTestTinyTextEncode, "DSDTestTinyVAE": DSDTestTinyVAE,
                        "DSDTestT5TokenCount": DSDTestT5TokenCount, "DSDTestSaveTensor": DSDTestSaveTensor,
-                       "DSDTestTinyUNETLoader": DSDTestTinyUNETLoader}
+                       "DSDTestTinyUNETLoader": DSDTestTinyUNETLoader, "DSDTestFluxTokens": DSDTestFluxTokens}
