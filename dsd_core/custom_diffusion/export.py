@@ -16,9 +16,11 @@ loader can express, in the keys ComfyUI's FLUX key map accepts (``transformer.<d
 Modifier tokens: ComfyUI's FLUX tokenizers read textual-inversion embeddings from ``models/embeddings`` when the
 prompt says ``embedding:<name>`` (T5-XXL under the key ``t5xxl``, CLIP-L under ``clip_l``). :func:`embedding_tensors`
 writes one file per token, named after it without the brackets (``<new1>`` -> ``new1.safetensors``, used as
-``photo of a embedding:new1 cat``). Without a CLIP-L embedding in the concept, ComfyUI's CLIP-L drops the word (it
-logs a shape mismatch), while dsd_core feeds CLIP-L the literal text ``<new1>``: the pooled CLIP vector differs a
-little; the T5 sequence, which carries the concept, is the same apart from ComfyUI's own T5 padding.
+``photo of a embedding:new1 cat``). ComfyUI's T5 then encodes the prompt as dsd_core encodes ``photo of a <new1>
+cat`` when both pad to the same length (DSD Text Encode's ``t5_padding`` 512 does; ComfyUI's own encode pads to 256).
+Without a CLIP-L embedding in the concept, ComfyUI's CLIP-L tokenizer takes the file's T5 vector, which its encoder
+refuses by width ("shape mismatch ... ignored", per ComfyUI's code), so the word is dropped there, while dsd_core
+feeds CLIP-L the literal text ``<new1>``: the pooled CLIP vector differs a little.
 """
 
 from __future__ import annotations

@@ -11,10 +11,11 @@ with ``context_embedder``, and ``kv+q+out`` as full deltas, which export as Comf
   its own hooks (``x @ (W0 + up @ down).T``) within ``TOLERANCE`` (the native tests' float32 bound).
 
 Text-rows deltas (``single_text_kv``) cannot be a LoRA: the export leaves them out and says so
-(``tests/test_custom_diffusion_export.py``). The word: ComfyUI's tokenizer reads the exported embedding file and puts
-its vector where ``embedding:new1`` stands, between the same T5 ids ``dsd_core``'s tokenizer gives the rest of the
-prompt. (That ComfyUI's T5 then encodes the vector is its textual-inversion path; the full-size T5-XXL it needs
-cannot be built offline, so the encoder half is not run here.)
+(``tests/test_custom_diffusion_export.py``). The word: ComfyUI's FLUX tokenizer reads the exported embedding file and
+puts its vector where ``embedding:new1`` stands, between the same T5 ids ``dsd_core``'s tokenizer gives the rest of
+the prompt; and ComfyUI's own T5 code (``T5XXLModel``, made small through its ``t5xxl_model_config`` option, since a
+T5-XXL cannot be built offline) encodes that prompt to the sequence ``dsd_core`` computes for ``<new1>``
+(max |diff| <= 1e-4; seen: ~1e-6).
 """
 
 from __future__ import annotations
@@ -181,3 +182,64 @@ def test_modifier_token_as_comfyui_embedding(engine, comfy):
     # no CLIP-L vector in the file: ComfyUI's CLIP-L tokenizer takes the file's only tensor, whose width (4096) its
     # encoder then refuses ("shape mismatch ... ignored"): the word is dropped there, the pooled vector differs a little
     assert torch.equal(got["l.embeds"], t5)
+
+
+def test_modifier_token_through_comfyuis_t5_matches_dsd_core(engine, comfy):
+    """The whole word path on ComfyUI's own T5 code: a small T5 (d_model 32, ComfyUI's fixed 32 position buckets)
+    built with ComfyUI's ``t5xxl_model_config`` option, the exported embedding read by its tokenizer as
+    ``embedding:new1`` -> the T5 sequence equals dsd_core's (``<new1>`` routed to the same vector, padded to the same
+    length as diffusers' FLUX encode_prompt does: max_length padding, no attention mask)."""
+    import json
+    import types
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    from dsd_core.custom_diffusion.delta_file import ConceptFile
+    from dsd_core.custom_diffusion.export import export_comfyui
+    from dsd_core.custom_diffusion.tokens import ModifierTokens
+
+    size = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+    torch.manual_seed(11)
+    t5 = T5EncoderModel(T5Config(**size, feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                                 relative_attention_max_distance=128, vocab_size=32128)).eval()
+    t5_file = f"t5_small_{uuid.uuid4().hex[:6]}.safetensors"
+    weights = {k: v.clone().contiguous() for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(weights, str(engine.models_dir / "text_encoders" / t5_file))  # as T5-XXL files: shared.weight only
+    vector = torch.randn(1, 32, generator=torch.Generator().manual_seed(5))
+    base = _concept(engine, "kv")
+    concept = ConceptFile(base.deltas, ModifierTokens(["<new2>"], ["toy"], {"t5": vector}), base.probe, base.info)
+    export_comfyui(concept, str(engine.models_dir / "loras" / "cd_t5.safetensors"),
+                   embeddings_dir=str(engine.models_dir / "embeddings"))
+
+    length, name = 64, "t5_" + uuid.uuid4().hex[:8]
+    assert_success(comfy.run({"1": {"class_type": "DSDTestT5Encode", "inputs": {
+        "prompt": "photo of a embedding:new2 toy", "t5": t5_file, "config": json.dumps(size),
+        "min_length": length, "name": name}}}, timeout=120))
+    path = str(engine.output_dir / f"{name}.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["missing"]) == [], meta  # ComfyUI's T5 took every weight
+    got = load_file(path)["cond"]
+
+    tok = T5TokenizerFast.from_pretrained(str(engine.spec.comfy_dir / "comfy" / "text_encoders" / "t5_tokenizer"))
+    tokens = ModifierTokens(["<new2>"], ["toy"], {"t5": vector})
+    tokens.attach(types.SimpleNamespace(tokenizer_2=tok, text_encoder_2=t5))
+    try:
+        with torch.no_grad():
+            ids = tok("photo of a <new2> toy", padding="max_length", max_length=length, truncation=True,
+                      return_tensors="pt").input_ids
+            want = t5(ids)[0]
+            tokens.detach()
+            without = t5(tok("photo of a toy", padding="max_length", max_length=length, return_tensors="pt")
+                         .input_ids)[0]
+    finally:
+        tokens.detach()
+    assert got.shape == want.shape == (1, length, 32)
+    diff = float((got - want).abs().max())
+    effect = float((want - without).abs().max())
+    print(f"ComfyUI T5 with embedding:new2 vs dsd_core with <new2>: max |diff| {diff:.3g} (the word's effect "
+          f"{effect:.3g})")
+    assert effect > 0.1
+    assert diff <= 1e-4, diff

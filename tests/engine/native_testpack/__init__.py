@@ -12,7 +12,9 @@ native graph and ``dsd_core`` see the same text embeddings and VAE:
   detection hard-codes 24 heads (so only hidden 3072 loads); 0.33 computes ``hidden // 128`` as this wrapper does;
 * ``DSDTestT5TokenCount`` -> how many T5 tokens ComfyUI's real FLUX tokenizer makes with DSD Text Encode's setting;
 * ``DSDTestFluxTokens`` -> ComfyUI's real FLUX tokenizer (CLIP-L + T5-XXL, with ``models/embeddings``) on a prompt,
-  saved as ``ids`` (-1 where an embedding vector stands) and the ``embeds`` vectors per encoder.
+  saved as ``ids`` (-1 where an embedding vector stands) and the ``embeds`` vectors per encoder;
+* ``DSDTestT5Encode`` -> ComfyUI's own FLUX T5 path (``T5XXLTokenizer`` with ``models/embeddings`` + ``T5XXLModel``)
+  on a small T5 file, its size given through ComfyUI's ``t5xxl_model_config`` option: the T5 sequence, saved.
 """
 
 import os
@@ -168,6 +170,42 @@ class DSDTestFluxTokens:
         return {"ui": {"tensor": [name]}}
 
 
+class DSDTestT5Encode:
+    CATEGORY = "dsd_engine_tests"
+    FUNCTION = "encode"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"prompt": ("STRING", {"default": "a photo of a cat"}), "t5": (_files("clip"),),
+                             "config": ("STRING", {"default": "{}"}),
+                             "min_length": ("INT", {"default": 256, "min": 1, "max": 4096}),
+                             "name": ("STRING", {"default": "t5"})}}
+
+    def encode(self, prompt, t5, config, min_length, name):
+        import json
+
+        import comfy.utils
+        import folder_paths
+        import torch
+        from comfy.text_encoders.flux import T5XXLTokenizer
+        from comfy.text_encoders.sd3_clip import T5XXLModel
+        from safetensors.torch import save_file
+
+        model = T5XXLModel(device="cpu", dtype=torch.float32,
+                           model_options={"t5xxl_model_config": json.loads(config)})
+        missing, unexpected = model.load_sd(comfy.utils.load_torch_file(folder_paths.get_full_path("clip", t5)))
+        tok = T5XXLTokenizer(embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        tokens = tok.tokenize_with_weights(prompt, tokenizer_options={"t5xxl_min_length": min_length})
+        with torch.no_grad():
+            cond, _ = model.encode_token_weights(tokens)
+        save_file({"cond": cond.float().contiguous().cpu()},
+                  os.path.join(folder_paths.get_output_directory(), name + ".safetensors"),
+                  metadata={"missing": json.dumps(sorted(missing)), "unexpected": json.dumps(sorted(unexpected))})
+        return {"ui": {"tensor": [name]}}
+
+
 class DSDTestTinyUNETLoader:
     CATEGORY = "dsd_engine_tests"
     FUNCTION = "load"
@@ -220,4 +258,5 @@ class DSDTestSaveTensor:
 
 NODE_CLASS_MAPPINGS = {"DSDTestTinyTextEncode": DSDTestTinyTextEncode, "DSDTestTinyVAE": DSDTestTinyVAE,
                        "DSDTestT5TokenCount": DSDTestT5TokenCount, "DSDTestSaveTensor": DSDTestSaveTensor,
-                       "DSDTestTinyUNETLoader": DSDTestTinyUNETLoader, "DSDTestFluxTokens": DSDTestFluxTokens}
+                       "DSDTestTinyUNETLoader": DSDTestTinyUNETLoader, "DSDTestFluxTokens": DSDTestFluxTokens,
+                       "DSDTestT5Encode": DSDTestT5Encode}
