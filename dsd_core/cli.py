@@ -27,7 +27,7 @@ COMMANDS = [
     "dsd_core.commands.memory",
     "dsd_core.training.cli",  # train
     "dsd_core.datagen.cli",  # datagen
-    "dsd_core.custom_diffusion.cli",  # custom-diffusion train|merge|compress|generate
+    "dsd_core.custom_diffusion.cli",  # custom-diffusion train|merge|compress|generate|export-comfyui
     "dsd_core.distill.cli",  # distill data|prune|train|eval
     "dsd_core.commands.native",  # extract-c-embedder, compare-transformers
 ]

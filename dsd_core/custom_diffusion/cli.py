@@ -1,4 +1,4 @@
-"""``python -m dsd_core custom-diffusion train|merge|compress|generate``.
+"""``python -m dsd_core custom-diffusion train|merge|compress|generate|export-comfyui``.
 
 * ``train``: every option of the engine (:class:`~dsd_core.training.config.TrainConfig`) and of the method
   (:class:`~.method.CustomDiffusionOptions`) as a flag or a key of a flat YAML file (``--config cd.yaml``; flags
