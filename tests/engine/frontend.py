@@ -47,20 +47,24 @@ def chromium_path() -> str | None:
 _READY = """() => !!(window.app && window.app.vueAppReady && window.LiteGraph && window.LiteGraph.registered_node_types
     && window.LiteGraph.registered_node_types[%s] && window.app.graph)"""
 
+# the text of a "missing node(s)" dialog (1.32) or toast (1.49) on the page, or null
+_MISSING_TEXT = """() => {
+  const shown = '.p-dialog, .p-toast-message, [role=dialog], [role=alert], [role=status]';
+  const text = Array.from(document.querySelectorAll(shown)).map(d => d.innerText).join('\\n');
+  return /missing node/i.test(text) ? text.slice(0, 2000) : null;
+}"""
+
 _LOAD = """async ([wf, name]) => {
   await app.loadGraphData(wf, true, true, name);
   await new Promise(r => setTimeout(r, 300));  // dialogs / toasts the load raises
   const nodes = app.graph.nodes;
-  const shown = '.p-dialog, .p-toast-message, [role=dialog], [role=alert], [role=status]';
-  const text = Array.from(document.querySelectorAll(shown))
-    .map(d => d.innerText).join('\\n');
   return {
     count: nodes.length,
     unknown: nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type),
     errors: nodes.filter(n => n.has_errors).map(n => n.type),
-    missing_text: /missing node/i.test(text) ? text.slice(0, 2000) : null,
+    missing_text: (%s)(),
   };
-}"""
+}""" % _MISSING_TEXT
 
 _TO_PROMPT = """async () => (await app.graphToPrompt()).output"""
 
@@ -182,6 +186,13 @@ class Frontend:
         """``app.loadGraphData`` (dropping the workflow on the canvas); returns the load report:
         ``{"count", "unknown": [types], "errors": [types], "missing_text": str | None}``."""
         return self.page.evaluate(_LOAD, [workflow, name])
+
+    def wait_missing_text(self, timeout: float = 15.0) -> str | None:
+        """The missing-node warning's text once it shows (None if it does not within ``timeout``)."""
+        try:
+            return self.page.wait_for_function(_MISSING_TEXT, timeout=timeout * 1000, polling=100).json_value()
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError
+            return None
 
     def graph_to_prompt(self) -> dict:
         return self.page.evaluate(_TO_PROMPT)
