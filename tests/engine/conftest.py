@@ -36,7 +36,8 @@ from pathlib import Path
 import pytest
 
 from .client import ComfyClient
-from .layout import DEFAULT_ENGINE_DIR, ENGINE_TESTS_DIR, NATIVE_TESTPACK_DIR, PACK_DIR, PACK_NAME, pack_has_init
+from .layout import (DEFAULT_ENGINE_DIR, ENGINE_TESTS_DIR, NATIVE_TESTPACK_DIR, PACK_DIR, PACK_NAME, pack_has_init,
+                     pinned_frontend_root)
 from .models import FOLDER_ALIASES, MODEL_SUBDIRS, populate_models, server_environment
 from .probe_pack import PROBE_PACK_NAME, PROBE_PACK_SOURCE
 
@@ -159,6 +160,9 @@ class EngineServer:
     pack_linked: bool = False
     node_count: int | None = None
     args: list[str] = field(default_factory=list)
+    #: the web frontend served: the engine's pinned one (``--front-end-root``) if unpacked, else None (the installed
+    #: comfyui-frontend-package)
+    frontend_root: Path | None = None
 
     # layout ---------------------------------------------------------------
     @property
@@ -255,6 +259,12 @@ class EngineServer:
             args += ["--user-directory", str(self.root / "user")]
         if self._supports("--database-url"):
             args += ["--database-url", "sqlite:///" + str(self.root / "user" / "comfyui.db")]
+        # the frontend this ComfyUI version pins (the installed package may be another version), for the browser tests
+        self.frontend_root = pinned_frontend_root(self.spec.comfy_dir)
+        if self.frontend_root is not None and self._supports("--front-end-root"):
+            args += ["--front-end-root", str(self.frontend_root)]
+        else:
+            self.frontend_root = None
         self.args = args
         env = dict(os.environ)
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
