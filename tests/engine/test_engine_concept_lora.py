@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from .client import assert_success
-from .test_engine_native import (_CORE, PANEL, TOLERANCE, _engine_name, by_type,  # noqa: F401
-                                 core_image, engine_prompt, native_workflows, run_tensor)
+from .test_engine_native import (_CORE, PANEL, TOLERANCE, by_type, core_image, engine_prompt, native_workflows,
+                                 run_tensor)
 from .test_engine_workflows import engine  # noqa: F401  (fixture)
 
 PROMPT = "this character playing soccer"
@@ -61,9 +61,9 @@ def _concept(engine, case: str):
     return concept
 
 
-def _with_concept_lora(api: dict, lora_name: str, **overrides):
+def _with_concept_lora(engine, api: dict, lora_name: str, **overrides):
     """The native graph with a LoraLoaderModelOnly for ``lora_name`` right after the DSD LoRA."""
-    prompt, name = engine_prompt(api, **overrides)
+    prompt, name = engine_prompt(engine, api, **overrides)
     dsd_lora, = [k for k in by_type(prompt, "LoraLoaderModelOnly")]
     prompt["950"] = {"class_type": "LoraLoaderModelOnly",
                      "inputs": {"model": [dsd_lora, 0], "lora_name": lora_name, "strength_model": 1.0}}
@@ -101,7 +101,7 @@ def test_concept_lora_loads_in_comfyui_and_matches_dsd_core(engine, comfy, case)
     report = export_comfyui(concept, str(engine.models_dir / "loras" / lora_name))
     assert not report.left_out and len(report.layers) == len(concept.deltas.layers)
     api = native_workflows()["dsd_native.json"]
-    got, log = _run_logged(engine, comfy, _with_concept_lora(api, lora_name, seed=SEED, steps=STEPS_CD,
+    got, log = _run_logged(engine, comfy, _with_concept_lora(engine, api, lora_name, seed=SEED, steps=STEPS_CD,
                                                               panel=PANEL_CD))
     assert "lora key not loaded" not in log, log
     want = _core_with(engine, concept, STEPS_CD, PANEL_CD)
@@ -130,12 +130,12 @@ def test_concept_delta_file_as_lora_warns_about_its_concept_keys(engine, comfy):
     exported = f"cd_exp_{uuid.uuid4().hex[:6]}.safetensors"
     export_comfyui(concept, str(engine.models_dir / "loras" / exported))
     api = native_workflows()["dsd_native.json"]
-    got_raw, log = _run_logged(engine, comfy, _with_concept_lora(api, raw, seed=SEED, steps=STEPS_CD,
+    got_raw, log = _run_logged(engine, comfy, _with_concept_lora(engine, api, raw, seed=SEED, steps=STEPS_CD,
                                                                   panel=PANEL_CD))
     missing = sorted(set(re.findall(r"lora key not loaded: (\S+)", log)))
     assert missing and all(k.startswith("concept.") for k in missing), missing
     assert "concept.modifier_tokens.t5" in missing
-    got_exp, log = _run_logged(engine, comfy, _with_concept_lora(api, exported, seed=SEED, steps=STEPS_CD,
+    got_exp, log = _run_logged(engine, comfy, _with_concept_lora(engine, api, exported, seed=SEED, steps=STEPS_CD,
                                                                   panel=PANEL_CD))
     assert "lora key not loaded" not in log
     assert np.abs(got_raw - got_exp).max() <= TOLERANCE  # same transformer deltas either way

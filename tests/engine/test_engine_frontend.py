@@ -119,12 +119,11 @@ def test_only_loopback_is_reachable_from_the_browser(frontend):
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def tiny_prompt(name: str, engine_name: str, seed: int) -> dict:
+def tiny_prompt(name: str, engine, seed: int) -> dict:
     """The shipped API workflow adapted to the engine's tiny models, as the headless engine tests adapt it."""
     api = api_workflows()[name]
     if name in NATIVE:
-        native.ENGINE_NAME["name"] = engine_name
-        prompt, _ = native.engine_prompt(api, steps=STEPS, panel=PANEL, seed=seed)
+        prompt, _ = native.engine_prompt(engine, api, steps=STEPS, panel=PANEL, seed=seed)
         del prompt["900"]  # the headless tests' float-tensor output: here the saved PNGs are compared
         return prompt
     prompt = copy.deepcopy(api)
@@ -162,7 +161,7 @@ def pixels(png: bytes) -> np.ndarray:
 @pytest.mark.parametrize("name", NATIVE + EXACT)
 def test_ui_queued_run_matches_the_api_run(frontend, comfy_engine, comfy, name):
     seed = 1000 + (NATIVE + EXACT).index(name) + (0 if comfy_engine.name == "ci" else 100)
-    want = tiny_prompt(name, comfy_engine.name, seed)
+    want = tiny_prompt(name, comfy_engine, seed)
     _load_clean(frontend, ui_workflows()[name], name)
     got = strip(frontend.apply_prompt(want))
     assert got == strip(want), "the canvas edited through the frontend does not give the adapted prompt"

@@ -42,16 +42,8 @@ def by_type(prompt: dict, class_type: str) -> list[str]:
     return [k for k, v in prompt.items() if v["class_type"] == class_type]
 
 
-ENGINE_NAME = {"name": "ci"}
-
-
-@pytest.fixture(autouse=True)
-def _engine_name(comfy_engine):
-    ENGINE_NAME["name"] = comfy_engine.name
-
-
-def engine_prompt(api: dict, **overrides) -> dict:
-    """The shipped graph on the tiny set: tiny text/VAE nodes in, small sizes, a float tensor output.
+def engine_prompt(engine, api: dict, **overrides) -> dict:
+    """The shipped graph on the tiny set of ``engine``: tiny text/VAE nodes in, small sizes, a float tensor output.
 
     ``overrides``: ``steps``, ``panel``, ``seed``, ``image_guidance``, ``text_guidance``, ``start_step``, ``prompt``.
     """
@@ -69,7 +61,7 @@ def engine_prompt(api: dict, **overrides) -> dict:
         p[k] = {"class_type": "DSDTestTinyTextEncode", "inputs": dict(files, prompt=text)}
     for k in by_type(p, "DualCLIPLoader"):
         del p[k]
-    if ENGINE_NAME["name"] != "latest":  # see the module docstring
+    if engine.name != "latest":  # see the module docstring
         for k in by_type(p, "UNETLoader"):
             p[k]["class_type"] = "DSDTestTinyUNETLoader"
     for k in by_type(p, "VAELoader"):
@@ -130,7 +122,7 @@ def core_image(engine, prompt: str, seed: int, image_guidance: float, text_guida
 def test_native_matches_dsd_core(engine, comfy, image_guidance, text_guidance):
     api = native_workflows()["dsd_native.json"]
     prompt_text = api[by_type(api, "DSDTextEncode")[0]]["inputs"]["prompt"]
-    got = run_tensor(engine, comfy, engine_prompt(api, seed=3, image_guidance=image_guidance,
+    got = run_tensor(engine, comfy, engine_prompt(engine, api, seed=3, image_guidance=image_guidance,
                                                   text_guidance=text_guidance))
     want = core_image(engine, prompt_text, 3, image_guidance, text_guidance)
     assert got.shape == want.shape == (1, PANEL, PANEL, 3)
@@ -146,7 +138,7 @@ def test_native_true_guidance_workflow_matches_dsd_core(engine, comfy):
     guider = api[by_type(api, "DSDGuider")[0]]["inputs"]
     seed = api[by_type(api, "RandomNoise")[0]]["inputs"]["noise_seed"]
     assert guider["image_guidance"] > 1.0
-    got = run_tensor(engine, comfy, engine_prompt(api))
+    got = run_tensor(engine, comfy, engine_prompt(engine, api))
     want = core_image(engine, prompt_text, seed, guider["image_guidance"], guider["text_guidance"])
     diff = np.abs(got - want).max()
     print(f"native vs dsd_core (true guidance workflow): max |diff| {diff:.3g}")
@@ -156,14 +148,14 @@ def test_native_true_guidance_workflow_matches_dsd_core(engine, comfy):
 def test_guider_gates(engine, comfy):
     """No text guidance while s_i <= 1; a single pass before the start step; guidance acts otherwise."""
     api = native_workflows()["dsd_native.json"]
-    plain = run_tensor(engine, comfy, engine_prompt(api, image_guidance=1.0, text_guidance=1.0))
-    text_only = run_tensor(engine, comfy, engine_prompt(api, image_guidance=1.0, text_guidance=4.0))
+    plain = run_tensor(engine, comfy, engine_prompt(engine, api, image_guidance=1.0, text_guidance=1.0))
+    text_only = run_tensor(engine, comfy, engine_prompt(engine, api, image_guidance=1.0, text_guidance=4.0))
     assert np.array_equal(plain, text_only), "text_guidance acted although image_guidance <= 1"
-    late = run_tensor(engine, comfy, engine_prompt(api, image_guidance=1.5, text_guidance=2.0, start_step=STEPS))
+    late = run_tensor(engine, comfy, engine_prompt(engine, api, image_guidance=1.5, text_guidance=2.0, start_step=STEPS))
     assert np.array_equal(plain, late), "true guidance ran before its start step"
-    on = run_tensor(engine, comfy, engine_prompt(api, image_guidance=1.5, text_guidance=2.0))
+    on = run_tensor(engine, comfy, engine_prompt(engine, api, image_guidance=1.5, text_guidance=2.0))
     assert np.abs(on - plain).max() > 1e-3, "true guidance had no effect"
-    window = run_tensor(engine, comfy, engine_prompt(api, image_guidance=1.5, text_guidance=2.0, end_step=3))
+    window = run_tensor(engine, comfy, engine_prompt(engine, api, image_guidance=1.5, text_guidance=2.0, end_step=3))
     assert not np.array_equal(window, on) and not np.array_equal(window, plain), "end_step had no effect"
 
 
@@ -174,16 +166,16 @@ def test_fp8_weights_and_lora_stack_run(engine, comfy):
     unet = by_type(api, "UNETLoader")[0]
     assert api[unet]["inputs"]["weight_dtype"] == "fp8_e4m3fn"
     assert len(by_type(api, "LoraLoaderModelOnly")) == 2
-    fp8 = run_tensor(engine, comfy, engine_prompt(api, seed=5))
+    fp8 = run_tensor(engine, comfy, engine_prompt(engine, api, seed=5))
     full_api = copy.deepcopy(api)
     full_api[unet]["inputs"]["weight_dtype"] = "default"
-    full = run_tensor(engine, comfy, engine_prompt(full_api, seed=5))
+    full = run_tensor(engine, comfy, engine_prompt(engine, full_api, seed=5))
     assert fp8.std() > 0.02 and full.std() > 0.02
     assert 0 < np.abs(fp8 - full).mean() < 0.1, "fp8 storage: identical (not applied?) or far from float32"
     # the style LoRA acts: strength 0 differs
     no_style = copy.deepcopy(full_api)
     no_style[by_type(api, "LoraLoaderModelOnly")[1]]["inputs"]["strength_model"] = 0.0
-    assert not np.array_equal(run_tensor(engine, comfy, engine_prompt(no_style, seed=5)), full)
+    assert not np.array_equal(run_tensor(engine, comfy, engine_prompt(engine, no_style, seed=5)), full)
 
 
 def test_bf16_weight_storage_runs(engine, comfy):
@@ -196,10 +188,10 @@ def test_bf16_weight_storage_runs(engine, comfy):
     if not dst.exists():
         save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(src)).items()}, str(dst))
     api = copy.deepcopy(native_workflows()["dsd_native.json"])
-    full = run_tensor(engine, comfy, engine_prompt(api, seed=9))
+    full = run_tensor(engine, comfy, engine_prompt(engine, api, seed=9))
     api[by_type(api, "UNETLoader")[0]]["inputs"]["unet_name"] = dst.name
     assert by_type(api, "UNETLoader")  # (engine_prompt swaps in the 0.3.75 wrapper where needed)
-    bf16 = run_tensor(engine, comfy, engine_prompt(api, seed=9))
+    bf16 = run_tensor(engine, comfy, engine_prompt(engine, api, seed=9))
     assert bf16.std() > 0.02
     assert np.abs(bf16 - full).mean() < 0.1
 
@@ -215,24 +207,24 @@ def test_clear_errors(engine, comfy):
     api = native_workflows()["dsd_native.json"]
     apply_id = by_type(api, "DSDApplyNative")[0]
 
-    p, _ = engine_prompt(api, steps=1)
+    p, _ = engine_prompt(engine, api, steps=1)
     p[apply_id]["inputs"]["c_embedder_file"] = "flux1-dev.safetensors"  # plain FLUX: no c_embedder
     err = error_of(comfy, p)
     assert err["node_type"] == "DSDApplyNative" and "without c_embedder" in err["exception_message"]
 
-    p, _ = engine_prompt(api, steps=1)
+    p, _ = engine_prompt(engine, api, steps=1)
     p[apply_id]["inputs"]["c_embedder_file"] = "dsd_transformer.safetensors"  # the head-16 set: hidden 32
     err = error_of(comfy, p)
     assert "hidden size is 128 but the c_embedder's is 32" in err["exception_message"]
 
-    p, _ = engine_prompt(api, steps=1)
+    p, _ = engine_prompt(engine, api, steps=1)
     p["901"] = {"class_type": "DSDApplyNative", "inputs": {"model": [apply_id, 0],
                                                           "c_embedder_file": "dsd_c_embedder.safetensors"}}
     p[by_type(p, "DSDGuider")[0]]["inputs"]["model"] = ["901", 0]
     err = error_of(comfy, p)
     assert err["node_id"] == "901" and "already takes 32 latent channels" in err["exception_message"]
 
-    p, _ = engine_prompt(api, steps=1)
+    p, _ = engine_prompt(engine, api, steps=1)
     guider = by_type(p, "DSDGuider")[0]
     text = next(k for k in by_type(p, "DSDTestTinyTextEncode") if p[k]["inputs"]["prompt"])
     p[guider]["inputs"]["positive"] = [text, 0]  # plain text conditioning, no condition latent
@@ -240,12 +232,12 @@ def test_clear_errors(engine, comfy):
     assert err["node_type"] == "SamplerCustomAdvanced" and "positive conditioning carries no DSD condition" in \
         err["exception_message"]
 
-    p, _ = engine_prompt(api, steps=1)
+    p, _ = engine_prompt(engine, api, steps=1)
     p[guider]["inputs"]["model"] = p[apply_id]["inputs"]["model"]  # DSD Apply left out
     err = error_of(comfy, p)
     assert "put DSD Apply (native)" in err["exception_message"]
 
-    ok, _ = engine_prompt(api, steps=1)
+    ok, _ = engine_prompt(engine, api, steps=1)
     assert_success(comfy.run(ok, timeout=300))  # and the server keeps serving
 
 
