@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+from processes import accelerate_launch, cli_env
+
 COUNT = 5
 
 
@@ -43,11 +45,7 @@ def test_two_processes_share_class_images_identical_to_one_and_resume(tiny_model
     cat.mkdir()
     for i in range(2):
         reference_image(48, 48, seed=i).save(cat / f"{i}.png")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # one thread per process and MKL's reproducible code path, as the datagen 2-process test (MKL's kernels depend on
-    # memory alignment, which differs between processes: a pixel could differ in its last bit)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", MKL_CBWR="COMPATIBLE", HF_HUB_OFFLINE="1")
+    env = cli_env()  # one thread per process, MKL's reproducible path (see processes.py)
     cache = tmp_path / "class_cache"
     one = subprocess.run([sys.executable, "-m", "dsd_core", *_args(tiny_model, cat, tmp_path / "run_one", cache)],
                          env=env, capture_output=True, text=True, timeout=300)
@@ -63,10 +61,7 @@ def test_two_processes_share_class_images_identical_to_one_and_resume(tiny_model
     for k in range(1, COUNT):
         os.remove(images[f"class_{k:04d}.png"])
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "-m", "dsd_core"]
-    two = subprocess.run(launch + _args(tiny_model, cat, tmp_path / "run_two", cache), env=env, capture_output=True,
+    two = subprocess.run(accelerate_launch(2) + ["-m", "dsd_core"] + _args(tiny_model, cat, tmp_path / "run_two", cache), env=env, capture_output=True,
                          text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "(2 processes" in two.stdout

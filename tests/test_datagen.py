@@ -20,6 +20,7 @@ import PIL.Image
 import pytest
 
 from fake_gemini import FakeGemini, clean_env  # noqa: F401
+from processes import accelerate_launch, cli_env
 from test_prompt_enhance import tiny_vlm  # noqa: F401  (the tiny Idefics3 / SmolVLM fixture)
 
 from dsd_core.datagen import DatagenConfig, Hooks, LAYOUTS, parse_verdict, run_datagen, split_grid
@@ -402,18 +403,11 @@ def test_two_processes_cover_every_grid_once(captions_file, tiny_model, tmp_path
     """accelerate launch with 2 CPU processes (gloo): each grid is drawn by exactly one process, and the dataset equals
     a single-process run's."""
     out = tmp_path / "two"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # one thread per process, and MKL's reproducible code path: otherwise MKL's kernels pick paths by memory alignment,
-    # which differs between processes, and a pixel can differ in its last bit (seen on a 2-core machine)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", MKL_CBWR="COMPATIBLE", HF_HUB_OFFLINE="1")
+    env = cli_env()
     args = ["-m", "dsd_core", "datagen", "--captions", captions_file, "--base", tiny_model["base"], "--curator", "none",
             "--num", "3", "--batch-size", "1", "--steps", "2", "--panel-size", "64", "--max-sequence-length", "64",
             "--dtype", "float32", "--offline", "--quiet"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
-    result = subprocess.run(launch + args + ["--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(accelerate_launch(2) + args + ["--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     logs = [read_jsonl(out / "processes" / f"{rank}.jsonl") for rank in (0, 1)]
     drawn = [entry["drawn"] for log in logs for entry in log]

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from processes import accelerate_launch, cli_env
 from dsd_core import canvas as cv
 from dsd_core.errors import InputError
 from dsd_core.training import TrainConfig, Trainer, TrainingCancelled, get_method
@@ -304,15 +305,11 @@ def _cli_train(tiny_model, data, out, *extra):
             "--validate-every", "0", "--quiet", "--cache-dir", os.path.join(str(out), "..", "cache"), *extra]
 
 
-def _env():
-    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-
 def test_sigkill_then_resume(tiny_model, pairs, tmp_path):
     """A run killed with SIGKILL resumes from its last complete checkpoint and ends where an unkilled run ends."""
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli_train(tiny_model, pairs, out, "--max-steps", "400", "--checkpoint-every", "2"),
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not list_checkpoints(str(out)):
@@ -341,11 +338,10 @@ def test_sigkill_then_resume(tiny_model, pairs, tmp_path):
 def test_two_processes_with_accelerate(tiny_model, pairs, tmp_path):
     """DDP over gloo with 2 CPU processes and gradient accumulation: trains, logs, exports once."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dsd_core", "train",
+    cmd = [*accelerate_launch(2), "-m", "dsd_core", "train",
            *_cli_train(tiny_model, pairs, out, "--max-steps", "3", "--checkpoint-every", "2",
                        "--gradient-accumulation", "2", "--batch-size", "1")[4:]]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 processes" in res.stdout
     rows = read_loss_csv(os.path.join(out, "logs", "loss.csv"))
